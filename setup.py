@@ -1,0 +1,63 @@
+"""Builds mftcore: the Python package, kernels/ as mftcore.kernels, and mftcore._packing via CMake."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Runs CMakeLists.txt and puts the module where setuptools expects it (in place for -e)."""
+
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([
+            "cmake", str(ROOT), "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        ], cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", "-j", str(os.cpu_count() or 1)], cwd=build_dir, check=True)
+
+
+setup(
+    name="mftcore",
+    version="0.1.0",
+    description="Multi-task fine-tuning of code LLMs with Triton kernels",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels"],
+    package_dir={"mftcore.kernels": "kernels"},
+    ext_modules=[CMakeExtension("mftcore._packing")],
+    cmdclass={"build_ext": CMakeBuild},
+    # Lower bounds admit the GPU image (torch 2.11, triton 3.6, transformers 5.17); constraints.txt
+    # holds the exact versions CI installs.
+    install_requires=[
+        "torch>=2.11",
+        "triton>=3.6",
+        "transformers>=5.17",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tensorboard>=2.15",
+        "tqdm>=4.66",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": ["mftcore=mftcore.cli:main"]},
+    zip_safe=False,
+)
