@@ -1,0 +1,11 @@
+"""mftcore kernels (installed as mftcore.kernels). Each op: Triton code and its PyTorch reference."""
+
+if __name__ != "mftcore.kernels":
+    # From a checkout's root (python -m, python -c) this directory is importable as top-level
+    # `kernels`, the name of HF's `kernels` package, which transformers probes at import time. Look
+    # like an empty namespace package (no __file__, no __version__) so the probe reports it absent.
+    __file__ = None
+else:
+    from mftcore.kernels.cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy, masked_cross_entropy
+
+    __all__ = ["CrossEntropyOutput", "fused_linear_cross_entropy", "masked_cross_entropy"]

@@ -1,0 +1,20 @@
+"""User-facing errors. The CLI prints their message as one line and exits 2 (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+
+class MftcoreError(Exception):
+    """A user mistake (config, data, paths): the message says where, as file:line or the config key."""
+
+
+class ConfigError(MftcoreError):
+    """A bad config file, key or value."""
+
+
+class DataError(MftcoreError):
+    """Bad training data: a missing path, a malformed line, a record of unknown shape."""
+
+
+def where(path, line: int | None = None) -> str:
+    """`path:line` (or just `path`) for error messages."""
+    return f"{path}:{line}" if line is not None else str(path)
