@@ -1,0 +1,85 @@
+"""The cross-entropy op's reference: hand-computed values, reductions, and step normalisation."""
+
+import math
+
+import pytest
+import torch
+
+from mftcore.data.batch import IGNORE_INDEX
+from mftcore.kernels import fused_linear_cross_entropy, masked_cross_entropy
+from mftcore.loss import task_scales, token_scale
+
+
+def ce(logits, target):
+    return math.log(sum(math.exp(x) for x in logits)) - logits[target]
+
+
+def test_hand_computed_task_mean():
+    # hidden = identity rows, so logits are the weight's columns: easy to write down
+    weight = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])  # V=2, H=3
+    hidden = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+    labels = torch.tensor([0, 0, 1, IGNORE_INDEX])
+    tasks = torch.tensor([0, 1, 1, 1])
+    out = fused_linear_cross_entropy(hidden, weight, labels, tasks, num_tasks=3)
+    l0, l1, l2 = ce([1, 0], 0), ce([0, 1], 0), ce([2, -1], 1)
+    expected = (l0 + (l1 + l2) / 2) / 2  # task 2 has no tokens: it does not count
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.task_loss_sum.tolist() == pytest.approx([l0, l1 + l2, 0.0], rel=1e-6)
+    assert out.task_token_count.tolist() == [1.0, 2.0, 0.0]
+    weighted = fused_linear_cross_entropy(hidden, weight, labels, tasks, task_weights=[3.0, 1.0, 5.0])
+    assert weighted.loss.item() == pytest.approx((3 * l0 + (l1 + l2) / 2) / 4, rel=1e-6)
+    tm = fused_linear_cross_entropy(hidden, weight, labels, tasks, num_tasks=3, reduction="token_mean")
+    assert tm.loss.item() == pytest.approx((l0 + l1 + l2) / 3, rel=1e-6)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grad():
+    hidden = torch.randn(5, 7, requires_grad=True)
+    weight = torch.randn(11, 7, requires_grad=True)
+    labels = torch.full((5,), IGNORE_INDEX)
+    for reduction in ("token_mean", "task_mean", "sum"):
+        out = fused_linear_cross_entropy(hidden, weight, labels, torch.zeros(5, dtype=torch.long),
+                                         num_tasks=2, reduction=reduction)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def test_bias_and_logits_entry_agree():
+    torch.manual_seed(0)
+    h, w, b = torch.randn(6, 5), torch.randn(9, 5), torch.randn(9)
+    labels, tasks = torch.randint(0, 9, (6,)), torch.randint(0, 2, (6,))
+    a = fused_linear_cross_entropy(h, w, labels, tasks, bias=b, num_tasks=2)
+    c = masked_cross_entropy(h @ w.T + b, labels, tasks, num_tasks=2)
+    torch.testing.assert_close(a.loss, c.loss)
+
+
+def test_step_scales_make_micro_batches_equal_one_batch():
+    """sum over micro-batches of sum_i c_i*ce_i == case3 of the whole step, and the same gradient."""
+    torch.manual_seed(0)
+    N, H, V, K = 40, 8, 13, 3
+    hidden = torch.randn(N, H, dtype=torch.float64)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    labels[::7] = IGNORE_INDEX
+    tasks = torch.randint(0, K, (N,))
+    weights = torch.tensor([1.0, 2.0, 0.5])
+
+    big = fused_linear_cross_entropy(hidden, weight, labels, tasks, num_tasks=K, task_weights=weights)
+    (g_big,) = torch.autograd.grad(big.loss, weight)
+
+    valid = labels != IGNORE_INDEX
+    counts = torch.zeros(K).index_add(0, tasks[valid], torch.ones(int(valid.sum())))
+    scales = task_scales(counts, weights)
+    total = 0.0
+    for part in torch.tensor_split(torch.arange(N), [9, 10, 31]):  # uneven micro-batches
+        out = fused_linear_cross_entropy(hidden[part], weight, labels[part], tasks[part], num_tasks=K,
+                                         reduction="sum", token_scale=token_scale(labels[part], tasks[part], scales))
+        out.loss.backward()
+        total += out.loss.item()
+    assert total == pytest.approx(big.loss.item(), rel=1e-6)
+    torch.testing.assert_close(weight.grad, g_big, rtol=1e-6, atol=1e-9)
+
+
+def test_token_scale_requires_sum():
+    with pytest.raises(ValueError, match="token_scale"):
+        fused_linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]),
+                                   token_scale=torch.ones(2), reduction="task_mean")
