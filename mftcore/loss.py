@@ -13,6 +13,19 @@ import torch
 from mftcore.data.batch import IGNORE_INDEX
 
 
+def step_token_scales(batches, mode: str, num_tasks: int, weights=None):
+    """Per-token loss scales for each micro-batch of one optimizer step, and the per-task counts.
+
+    The one entry point for every weighting mode: the trainer runs each micro-batch with
+    reduction="sum" and these scales, so that the step's summed loss is the mode's loss.
+    """
+    if mode != "case3":
+        raise ValueError(f"weighted_loss_mode {mode!r} is not implemented")
+    counts = count_task_tokens(batches, num_tasks)
+    scales = task_scales(counts, weights)
+    return [token_scale(b.labels.flatten(), b.task_ids.flatten(), scales) for b in batches], counts
+
+
 def count_task_tokens(batches, num_tasks: int) -> torch.Tensor:
     """Loss tokens per task over the micro-batches of one step, fp32 [K] on the batches' device."""
     counts = None

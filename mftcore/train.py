@@ -14,10 +14,10 @@ import torch
 
 from mftcore import checkpoint
 from mftcore.config import TrainConfig
-from mftcore.data import collate_padded, epoch_order, load_tasks, micro_batches
+from mftcore.data import StepLoader, collate_padded, load_tasks
 from mftcore.errors import ConfigError
 from mftcore.kernels import fused_linear_cross_entropy
-from mftcore.loss import count_task_tokens, task_scales, token_scale
+from mftcore.loss import step_token_scales, task_scales
 from mftcore.metrics import Metrics
 from mftcore.model import hidden_states, load_model, load_tokenizer
 
@@ -49,17 +49,6 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def step_batches(samples, cfg: TrainConfig, pad_id: int, start_epoch: int = 0):
-    """Yield (epoch, [Batch] * gradient_accumulation_steps) forever; a step never spans two epochs."""
-    epoch = start_epoch
-    while True:
-        groups = micro_batches(epoch_order(len(samples), cfg.seed, epoch), cfg.per_device_train_batch_size)
-        for i in range(0, len(groups), cfg.gradient_accumulation_steps):
-            chunk = groups[i:i + cfg.gradient_accumulation_steps]
-            yield epoch, [collate_padded([samples[j] for j in g], pad_id) for g in chunk]
-        epoch += 1
-
-
 def batch_loss(model, batch, num_tasks: int, **loss_kwargs):
     """Decoder -> final hidden states -> fused linear + cross-entropy against the LM head."""
     hidden = hidden_states(model, batch)
@@ -71,13 +60,11 @@ def batch_loss(model, batch, num_tasks: int, **loss_kwargs):
 
 def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks: int, weights):
     """One optimizer step over its micro-batches, normalised as case3 over all of them."""
-    counts = count_task_tokens(batches, num_tasks)
-    scales = task_scales(counts, weights)
+    scales, counts = step_token_scales(batches, cfg.weighted_loss_mode, num_tasks, weights)
     loss = torch.zeros((), device=counts.device)
     task_sum = torch.zeros(num_tasks, device=counts.device)
-    for b in batches:
-        out = batch_loss(model, b, num_tasks, reduction="sum",
-                         token_scale=token_scale(b.labels.flatten(), b.task_ids.flatten(), scales))
+    for b, scale in zip(batches, scales):
+        out = batch_loss(model, b, num_tasks, reduction="sum", token_scale=scale)
         out.loss.backward()
         loss += out.loss.detach()
         task_sum += out.task_loss_sum
@@ -126,9 +113,9 @@ def train(cfg: TrainConfig) -> str:
     model = load_model(cfg, len(tokenizer)).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    groups = math.ceil(len(data.train) / cfg.per_device_train_batch_size)
-    steps_per_epoch = math.ceil(groups / cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
+                        accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed)
+    total_steps = cfg.max_train_steps or cfg.num_train_epochs * loader.steps_per_epoch()
     scheduler = build_scheduler(optimizer, cfg, total_steps)
 
     metrics = Metrics(cfg.output_dir, cfg.tb_dir, total_steps)
@@ -138,7 +125,7 @@ def train(cfg: TrainConfig) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     metrics.print(f"model: {n_params / 1e6:.2f}M parameters; {total_steps} steps on {device}")
 
-    batches = step_batches(data.train, cfg, pad_id)
+    batches = iter(loader)
     tokens, t0 = 0, time.perf_counter()
     for step in range(1, total_steps + 1):
         epoch, micro = next(batches)
@@ -158,7 +145,8 @@ def train(cfg: TrainConfig) -> str:
             vloss, vsum, vcount = evaluate(model, data.valid, cfg, pad_id, K, weights, device)
             metrics.write(step, "valid", {"loss": vloss}, per_task(names, vsum, vcount))
         if (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0) or step == total_steps:
-            checkpoint.save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler, {"epoch": epoch})
+            checkpoint.save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler,
+                                       {"data": loader.state_dict()})
 
     final = checkpoint.save_final(cfg.output_dir, model, tokenizer, cfg.to_dict())
     metrics.print(f"saved {final}")

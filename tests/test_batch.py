@@ -90,3 +90,28 @@ def test_missing_and_empty_task_dirs(tmp_path, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no \\*.jsonl files"):
         load_tasks(config_for(tmp_path, [tmp_path / "empty"]), tokenizer, 0)
+
+
+def test_step_loader_resumes_at_the_exact_next_step():
+    from mftcore.data import StepLoader
+
+    samples = [Sample([i, i + 1, i + 2], [0, 1, 1], task_id=i % 2) for i in range(0, 300, 3)]
+    make = lambda: StepLoader(samples, batch_size=4, accumulation=3, pad_id=0, seed=7)  # noqa: E731
+    full = make()
+    assert full.steps_per_epoch() == 9  # 100 samples -> 25 micro-batches -> 9 steps, the last short
+    it = iter(full)
+    steps = [next(it) for _ in range(20)]  # crosses two epoch boundaries
+    assert [e for e, _ in steps] == [0] * 9 + [1] * 9 + [2] * 2
+    assert len(steps[8][1]) == 1  # the last step of an epoch holds the leftover micro-batch only
+
+    resumed = make()
+    it = iter(resumed)
+    for _ in range(13):
+        next(it)
+    state = resumed.state_dict()
+    again = make()
+    again.load_state_dict(state)
+    it = iter(again)
+    rest = [next(it) for _ in range(7)]
+    for (e1, b1), (e2, b2) in zip(steps[13:], rest):
+        assert e1 == e2 and [b.input_ids.tolist() for b in b1] == [b.input_ids.tolist() for b in b2]
