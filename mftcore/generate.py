@@ -64,18 +64,21 @@ def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code
         raise ConfigError(f"--model: {model_dir}: not a directory")
     if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise ConfigError(f"--adapter: {adapter}: no adapter_config.json (not a PEFT adapter directory)")
-    has_tokenizer = adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model_dir,
-                                              trust_remote_code=trust_remote_code)
+    tokenizer_dir = next((d for d in (adapter, model_dir)
+                          if d is not None and os.path.isfile(os.path.join(d, "tokenizer_config.json"))), None)
+    if tokenizer_dir is None:  # e.g. a checkpoint-N directory, which holds weights only
+        raise ConfigError(f"--model: {model_dir}: no tokenizer_config.json beside the weights; "
+                          "use OUTPUT_DIR/final or a merged model")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"--model: {model_dir}: the tokenizer has no eos_token")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     if adapter is not None:
-        from peft import PeftModel
+        from mftcore.merge import apply_adapter
 
-        model = PeftModel.from_pretrained(model, adapter)
+        model = apply_adapter(model, adapter, model_dir)
     model.to(device).eval()
     markers, _ = saved_role_markers(adapter, model_dir)
     return Generator(model, tokenizer, markers, device)

@@ -34,6 +34,18 @@ def check_inputs(base: str, adapter: str, out: str) -> None:
         raise ConfigError(f"--out: {out}: would overwrite an input; choose a new directory")
 
 
+def apply_adapter(model, adapter: str, base: str):
+    """PeftModel of `model` with the adapter; an adapter made for another base is a one-line ConfigError."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # torch: "Error(s) in ...:\n\tsize..."
+        raise ConfigError(f"--adapter: {adapter}: does not fit the base model {base}: {first[:300]}") from None
+
+
 def load_merge_tokenizer(base: str, adapter: str, model_type: str | None, trust_remote_code: bool):
     """The adapter's tokenizer when it saved one (training may have set EOS), else the base's."""
     from transformers import AutoTokenizer
@@ -50,7 +62,6 @@ def load_merge_tokenizer(base: str, adapter: str, model_type: str | None, trust_
 def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtype: str = "auto",
           trust_remote_code: bool = False, log=None) -> str:
     """Write base + adapter, merged, to `out` (atomically: a temporary directory renamed at the end)."""
-    from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -67,12 +78,7 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     log(f"merging {adapter}")
-    try:
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another base model
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # torch: "Error(s) in ...:\n\tsize..."
-        raise ConfigError(f"--adapter: {adapter}: does not fit --base {base}: {first[:300]}") from None
+    merged = apply_adapter(model, adapter, base).merge_and_unload()
     tokenizer.chat_template = build_chat_template(markers)
 
     with atomic_dir(out) as tmp:

@@ -127,3 +127,25 @@ def test_bad_prompt_line_names_file_and_line(model_dir, tmp_path, capsys, line, 
     assert main(["generate", "--model", model_dir, "--file", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mftcore: error: {path}:2: ") and message in err[0], err
+
+
+def test_model_directory_without_tokenizer_or_fitting_adapter(model_dir, tmp_path, capsys, tokenizer):
+    from tiny_models import build_tiny
+
+    weights_only = str(tmp_path / "checkpoint-5")
+    build_tiny("llama", len(tokenizer)).save_pretrained(weights_only)
+    assert main(["generate", "--model", weights_only, "--prompt", "hi"]) == 2
+    assert "no tokenizer_config.json beside the weights" in capsys.readouterr().err
+
+    from peft import LoraConfig, get_peft_model
+
+    other = build_tiny("qwen2", len(tokenizer))
+    other.config.hidden_size = 32
+    adapter = str(tmp_path / "adapter")
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_config(other.config), LoraConfig(r=2, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    assert main(["generate", "--model", model_dir, "--adapter", adapter, "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit the base model" in err[0], err

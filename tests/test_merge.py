@@ -144,7 +144,7 @@ def test_merge_errors_are_one_line_and_leave_nothing(base, tmp_path, capsys, tok
     tokenizer.save_pretrained(tiny_other)
     assert main(["merge", "--base", tiny_other, "--adapter", wrong, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("mftcore: error: --adapter:") and "does not fit --base" in err[-1], err
+    assert err[-1].startswith("mftcore: error: --adapter:") and "does not fit the base model" in err[-1], err
     assert "size mismatch" in err[-1] and all(line.startswith(("loading", "merging")) for line in err[:-1]), err
     assert main(["merge", "--base", base, "--adapter", wrong, "--out", base]) == 2
     assert "would overwrite an input" in capsys.readouterr().err

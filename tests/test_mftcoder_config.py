@@ -96,12 +96,19 @@ def test_train_with_mftcoder_flags_end_to_end(tmp_path, tokenizer):
     out, tb = tmp_path / "out", tmp_path / "tb"
     assert main(["train", "--train_config", str(config), "--data_paths", f"[{DATA[0]},{DATA[2]}]",
                  "--output_dir", str(out), "--tb_dir", str(tb), "--pretrained_model_path", model,
-                 "--micro_batch_size", "3", "--model_type", "llama", "log_interval=1"]) == 0
+                 "--micro_batch_size", "3", "--model_type", "llama", "log_interval=1",
+                 'role_markers={"user": "### Q:\\n"}']) == 0
     with open(out / "final" / "mftcore_config.json") as f:
         saved = json.load(f)
     assert saved["data_paths"] == [DATA[0], DATA[2]] and saved["pretrained_model_path"] == model
     assert saved["per_device_train_batch_size"] == saved["per_device_eval_batch_size"] == 3
     assert saved["log_interval"] == 1 and os.listdir(tb)
+    # The trained model's tokenizer renders the training prompt with the run's role markers.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    messages = [{"role": "user", "content": "q"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "### Q:\nq\n<s>bot\n"
 
 
 def test_epoch_checkpointing_saves_at_each_epoch_end(tmp_path, tiny_config):
