@@ -108,7 +108,8 @@ def test_adapter_generates_what_the_merged_model_generates(model_dir, tmp_path, 
 
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     capsys.readouterr()
-    assert main(["generate", "--model", model_dir, "--adapter", adapter, "--file", prompts, "--max_new_tokens", "6"]) == 0
+    args = ["generate", "--model", model_dir, "--adapter", adapter, "--file", prompts, "--max_new_tokens", "6"]
+    assert main(args) == 0
     with_adapter = capsys.readouterr().out
     assert main(["generate", "--model", merged, "--file", prompts, "--max_new_tokens", "6"]) == 0
     assert capsys.readouterr().out == with_adapter

@@ -149,3 +149,33 @@ def test_merge_errors_are_one_line_and_leave_nothing(base, tmp_path, capsys, tok
     assert main(["merge", "--base", base, "--adapter", wrong, "--out", base]) == 2
     assert "would overwrite an input" in capsys.readouterr().err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("markers", [
+    {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"},
+    {"system": "{% raw %}S'\"}}:\n", "user": "### Q 😀\n", "assistant": "{{ A }}\n"},  # cannot escape the literal
+])
+def test_chat_template_renders_every_training_string(markers):
+    from tiny_models import TOKENIZER
+    from transformers import AutoTokenizer
+
+    from mftcore.data.chat_template import build_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)  # not the session fixture: this test sets its template
+    tokenizer.chat_template = build_chat_template(markers)
+    conversation = [{"role": "system", "content": "be\u202fbrief\xa0"}, {"role": "human", "content": "q1"},
+                    {"role": "gpt", "content": "a1"}, {"role": "user", "content": "q2"},
+                    {"role": "assistant", "content": "a2\n"}]
+    for end in (2, 3, 5):
+        rounds = conversation[:end]
+        training = "".join(s.text + (tokenizer.eos_token if s.eos else "")
+                           for s in render_record({"chat_rounds": rounds}, markers))
+        rendered = tokenizer.apply_chat_template(rounds, tokenize=False, add_generation_prompt=False)
+        if rounds[-1]["role"] in ("human", "user"):  # the training segment ends with the assistant marker
+            rendered = tokenizer.apply_chat_template(rounds, tokenize=False, add_generation_prompt=True)
+        assert rendered == training
+    for bad, message in (([{"role": "bot", "content": "a"}], "alternate"),
+                         ([{"role": "human", "content": "q"}, {"role": "robot", "content": "a"}], "unknown role"),
+                         ([{"role": "human", "content": "q"}, {"role": "system", "content": "s"}], "first")):
+        with pytest.raises(Exception, match=message):
+            tokenizer.apply_chat_template(bad, tokenize=False)
