@@ -83,6 +83,8 @@ def test_mftcoder_flags_become_overrides():
                          'distributed_type="fsdp"', "seed=7"]
     path, overrides = train_config_and_overrides(build_parser().parse_args(["train", "c.json", "seed=7"]))
     assert (path, overrides) == ("c.json", ["seed=7"])
+    with pytest.raises(ConfigError, match="give a config file"):
+        train_config_and_overrides(build_parser().parse_args(["train", "seed=7"]))
 
 
 def test_train_with_mftcoder_flags_end_to_end(tmp_path, tokenizer):
