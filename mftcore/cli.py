@@ -1,29 +1,94 @@
-"""`mftcore train | generate`. User mistakes print one line and exit 2; --debug shows the traceback."""
+"""`mftcore train | merge | generate`. User mistakes print one line and exit 2; --debug shows the traceback.
+
+This module only parses arguments and dispatches; the work lives in train.py, merge.py, generate.py.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from mftcore.errors import MftcoreError
+from mftcore.errors import ConfigError, MftcoreError
+
+# MFTCoder's `mft_accelerate.py` flags, each the config key(s) it overrides.
+MFTCODER_TRAIN_FLAGS = {
+    "data_paths": ("data_paths",),
+    "output_dir": ("output_dir",),
+    "tb_dir": ("tb_dir",),
+    "pretrained_model_path": ("pretrained_model_path",),
+    "micro_batch_size": ("per_device_train_batch_size", "per_device_eval_batch_size"),
+    "model_type": ("model_type",),
+    "distributed_type": ("distributed_type",),
+}
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train from a JSON config",
+                       description="mftcore train CONFIG.json [key=value ...]; MFTCoder's spelling "
+                                   "`--train_config CONFIG.json --data_paths ... --output_dir ...` works too.")
+    p.add_argument("args", nargs="*", metavar="CONFIG.json [key=value]",
+                   help="the config, then overrides of its keys (values read as JSON when they parse)")
+    p.add_argument("--train_config", help="the config (MFTCoder's flag; then every positional is an override)")
+    for flag in MFTCODER_TRAIN_FLAGS:
+        p.add_argument(f"--{flag}", type=int if flag == "micro_batch_size" else str,
+                       help=f"overrides {' and '.join(MFTCODER_TRAIN_FLAGS[flag])}")
+
+
+def add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its base model")
+    p.add_argument("--base", "--base_model_or_path", dest="base", required=True, help="the base model directory")
+    p.add_argument("--adapter", "--adaptor_path", dest="adapter", required=True, help="the PEFT adapter directory")
+    p.add_argument("--out", "--merged_output_path", dest="out", required=True, help="where the merged model goes")
+    p.add_argument("--model_type", default=None, help="the family (checked against the base; EOS fallback)")
+    p.add_argument("--dtype", default="auto", help="auto (the base's), bfloat16, float16 or float32")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the model")
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer prompts in the training format")
+    p.add_argument("--model", required=True, help="a model directory, e.g. OUTPUT_DIR/final or a merged model")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter to apply to --model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user turn; the answer streams to the terminal")
+    src.add_argument("--file", help="prompts.jsonl: {\"prompt\", \"system\"?} or {\"chat_rounds\"} per line")
+    p.add_argument("--system", default=None, help="a system turn for --prompt")
+    p.add_argument("--output", default=None, help="write JSONL records {..., \"output\"} here (default: stdout)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per batch for --file")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
+    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--seed", type=int, default=1234, help="seed for sampling")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcore", description="Multi-task fine-tuning of code LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train from a JSON config")
-    p.add_argument("config", help="path to a JSON TrainConfig")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys; values are read as JSON when they parse, else as strings")
-
-    p = sub.add_parser("generate", help="answer a prompt in the training format")
-    p.add_argument("--model", required=True, help="a model directory, e.g. OUTPUT_DIR/final")
-    p.add_argument("--prompt", required=True, help="the user turn")
-    p.add_argument("--system", default=None, help="an optional system turn")
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    add_train_parser(sub)
+    add_merge_parser(sub)
+    add_generate_parser(sub)
     return parser
+
+
+def train_config_and_overrides(args) -> tuple[str, list]:
+    """The config path and the `key=value` overrides: MFTCoder's flags first, then the positionals."""
+    positionals = list(args.args)
+    if args.train_config is not None:
+        path = args.train_config
+    elif positionals and "=" not in positionals[0]:
+        path = positionals.pop(0)
+    else:
+        raise ConfigError("train: give a config file (mftcore train CONFIG.json, or --train_config CONFIG.json)")
+    overrides = []
+    for flag, keys in MFTCODER_TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:  # json.dumps: "123" stays a string, a path never turns into a number
+            overrides += [f"{key}={json.dumps(value)}" for key in keys]
+    return path, overrides + positionals
 
 
 def run(args) -> None:
@@ -34,11 +99,20 @@ def run(args) -> None:
         from mftcore.config import TrainConfig
         from mftcore.train import train
 
-        train(TrainConfig.from_file(args.config, args.overrides))
-    elif args.command == "generate":
-        from mftcore.generate import generate
+        path, overrides = train_config_and_overrides(args)
+        train(TrainConfig.from_file(path, overrides))
+    elif args.command == "merge":
+        from mftcore.merge import merge
 
-        print(generate(args.model, args.prompt, args.max_new_tokens, args.system))
+        merge(args.base, args.adapter, args.out, args.model_type, args.dtype, args.trust_remote_code)
+    elif args.command == "generate":
+        from mftcore.generate import Sampling, answer
+
+        sampling = Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_p,
+                            args.num_beams, args.seed)
+        answer(args.model, args.adapter, prompt=args.prompt, system=args.system, file=args.file,
+               output=args.output, sampling=sampling, batch_size=args.batch_size,
+               trust_remote_code=args.trust_remote_code)
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,7 @@ class TrainConfig:
     tokenizer_path: Optional[str] = None
     """mftcore: tokenizer directory (default: pretrained_model_path)."""
     model_type: Optional[str] = None
-    """Model family, e.g. llama, qwen2, mistral (informational unless a family needs special handling)."""
+    """Model family in MFTCoder's names (llama, deepseek, starcoder, ...); checked against the checkpoint."""
     attn_implementation: str = "sdpa"
     """Attention backend passed to transformers: "sdpa" or "eager"."""
     peft_type: Optional[str] = None
@@ -101,6 +101,34 @@ class TrainConfig:
     """Compute the per-task validation loss every this many optimizer steps (0 disables)."""
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
+
+    # --- MFTCoder keys: accepted so its configs run unchanged (see README "MFTCoder configs") ---
+    epoch_checkpointing: bool = False
+    """Also save a checkpoint at the end of every epoch."""
+    tokenizer_type: str = "AutoTokenizer"
+    """How the tokenizer is built; only "AutoTokenizer" (as in MFTCoder)."""
+    use_dynamic_padding: bool = True
+    """Pad each batch to its longest sample; false (pad to seq_length) is refused: same loss, more compute."""
+    data_weights: Union[None, str, list] = None
+    """Sampling weights per task; MFTCoder overwrites them with 1.0, so only null or all-1 is accepted."""
+    low_cpu_mem_usage: bool = True
+    """Load weights without a random init first; transformers >= 5 always does, so either value is accepted."""
+    use_random_sampler: bool = True
+    """Legacy, never read by MFTCoder; mftcore always reshuffles the training samples each epoch."""
+    init_timeout_seconds: Optional[int] = 3600
+    """Timeout of the process-group set-up in multi-process runs, in seconds (null: torch's default)."""
+    use_xformers: bool = True
+    """Legacy, ignored: the attention backend is attn_implementation."""
+    weight_by_num_documents: bool = True
+    """Legacy, ignored: read only by MFTCoder's pre-tokenized binary datasets, which mftcore does not load."""
+    make_vocab_size_divisible_by: int = 32
+    """Legacy, ignored: MFTCoder computes a padded vocabulary size from it and never uses it."""
+    model_parallel_size: int = 1
+    """Legacy, ignored by MFTCoder beyond that same unused vocabulary size; only 1 is accepted."""
+    use_slow_tokenizer: bool = False
+    """Legacy, ignored: never read by MFTCoder; transformers >= 5 has one tokenizer backend."""
+    world_size: int = 8
+    """Legacy, ignored: the number of processes is torchrun's WORLD_SIZE (MFTCoder overwrites it too)."""
 
     def __post_init__(self):
         self.role_markers = {**DEFAULT_ROLE_MARKERS, **(self.role_markers or {})}
@@ -167,7 +195,7 @@ class TrainConfig:
         choices = {
             "padding_mode": ("padding",),
             "weighted_loss_mode": ("case3",),
-            "lr_scheduler_type": ("cosine", "constant"),
+            "lr_scheduler_type": ("cosine", "constant", "linear", "constant_with_warmup"),
             "attn_implementation": ("sdpa", "eager"),
             "tokenize_mode": ("sft",),
         }
@@ -178,6 +206,7 @@ class TrainConfig:
             bad("peft_type", f"{self.peft_type!r} is not supported yet; only null (full fine-tuning)")
         if not self.load_raw_dataset:
             bad("load_raw_dataset", "only raw JSONL data is supported (true)")
+        self.validate_mftcoder_keys(bad, source)
         for key in ("seq_length", "num_train_epochs", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "log_interval"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -199,6 +228,27 @@ class TrainConfig:
         if unknown:
             bad("role_markers", f"unknown keys {sorted(unknown)} (allowed: system, user, assistant)")
 
+    def validate_mftcoder_keys(self, bad, source: str) -> None:
+        """The MFTCoder-compatibility block: values mftcore deliberately does not support."""
+        from mftcore.model.families import check_model_type
+
+        check_model_type(self.model_type, source)
+        if str(self.tokenizer_type).lower() != "autotokenizer":
+            bad("tokenizer_type", f"{self.tokenizer_type!r} is not supported; only \"AutoTokenizer\"")
+        if self.use_dynamic_padding is not True:
+            bad("use_dynamic_padding", "false (pad every batch to seq_length) is not supported: "
+                "padding to the longest sample gives the same loss with less compute")
+        if self.data_weights is not None:
+            weights = parse_list(self.data_weights, "data_weights", source)
+            if any(not _is_one(w) for w in weights):
+                bad("data_weights", "per-task sampling weights are not supported (MFTCoder ignores them too); "
+                    "use task_weights to weight the loss")
+        if self.model_parallel_size != 1:
+            bad("model_parallel_size", "tensor/model parallelism is not supported; only 1")
+        if self.init_timeout_seconds is not None and (
+                not isinstance(self.init_timeout_seconds, int) or self.init_timeout_seconds < 1):
+            bad("init_timeout_seconds", f"must be a positive integer or null, got {self.init_timeout_seconds!r}")
+
     def split_fractions(self, source: str = "config") -> tuple[float, float, float]:
         try:
             parts = [float(p) for p in str(self.data_split).split(",")]
@@ -208,6 +258,13 @@ class TrainConfig:
             raise ConfigError(f"{source}: data_split: expected three numbers like \"98,2,0\", got {self.data_split!r}")
         total = sum(parts)
         return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def _is_one(value) -> bool:
+    try:
+        return float(value) == 1.0
+    except (TypeError, ValueError):
+        return False
 
 
 def parse_value(text: str) -> Any:

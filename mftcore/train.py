@@ -15,6 +15,7 @@ import torch
 from mftcore import checkpoint
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, collate_padded, load_tasks
+from mftcore.data.chat_template import build_chat_template
 from mftcore.errors import ConfigError
 from mftcore.kernels import fused_linear_cross_entropy
 from mftcore.loss import step_token_scales, task_scales
@@ -33,7 +34,7 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warmup to learning_rate, then cosine (or constant) down to min_lr at total_steps."""
+    """Linear warmup to learning_rate, then cosine (or linear, or constant) down to min_lr at total_steps."""
     warmup = cfg.num_warmup_steps
     warmup = int(warmup * total_steps) if isinstance(warmup, float) else warmup
     floor = cfg.min_lr / cfg.learning_rate
@@ -41,9 +42,11 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler_type == "constant":
+        if cfg.lr_scheduler_type in ("constant", "constant_with_warmup"):
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.lr_scheduler_type == "linear":
+            return 1 - (1 - floor) * progress
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -144,10 +147,13 @@ def train(cfg: TrainConfig) -> str:
         if cfg.evaluation_steps and data.valid and (step % cfg.evaluation_steps == 0 or step == total_steps):
             vloss, vsum, vcount = evaluate(model, data.valid, cfg, pad_id, K, weights, device)
             metrics.write(step, "valid", {"loss": vloss}, per_task(names, vsum, vcount))
-        if (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0) or step == total_steps:
+        epoch_end = loader.state_dict()["step_in_epoch"] == loader.steps_per_epoch()
+        if ((cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0) or step == total_steps
+                or (cfg.epoch_checkpointing and epoch_end)):
             checkpoint.save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler,
                                        {"data": loader.state_dict()})
 
+    tokenizer.chat_template = build_chat_template(cfg.role_markers)  # apply_chat_template == training string
     final = checkpoint.save_final(cfg.output_dir, model, tokenizer, cfg.to_dict())
     metrics.print(f"saved {final}")
     metrics.close()

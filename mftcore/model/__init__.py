@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mftcore.errors import ConfigError
+from mftcore.model.families import check_loss_compatible, check_model_matches, resolve_eos_token
 
 
 def load_tokenizer(cfg):
@@ -15,8 +16,10 @@ def load_tokenizer(cfg):
     if not os.path.isdir(path):
         raise ConfigError(f"tokenizer_path: {path}: not a directory")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    if tok.eos_token_id is None:
+    eos = resolve_eos_token(tok, cfg.model_type)
+    if eos is None:
         raise ConfigError(f"tokenizer_path: {path}: the tokenizer has no eos_token")
+    tok.eos_token = eos
     return tok
 
 
@@ -26,6 +29,9 @@ def load_model(cfg, vocab_size: int):
     if cfg.pretrained_model_path is not None:
         if not os.path.isdir(cfg.pretrained_model_path):
             raise ConfigError(f"pretrained_model_path: {cfg.pretrained_model_path}: not a directory")
+        config = AutoConfig.from_pretrained(cfg.pretrained_model_path, trust_remote_code=cfg.trust_remote_code)
+        check_model_matches(cfg.model_type, config)
+        check_loss_compatible(config)
         return AutoModelForCausalLM.from_pretrained(
             cfg.pretrained_model_path, dtype=torch.float32, use_safetensors=True, **kwargs)
     spec = dict(cfg.model_config)
@@ -35,6 +41,8 @@ def load_model(cfg, vocab_size: int):
         config = AutoConfig.for_model(model_type, **spec)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model_config: {e}") from None
+    check_model_matches(cfg.model_type, config)
+    check_loss_compatible(config)
     return AutoModelForCausalLM.from_config(config, **kwargs)
 
 

@@ -1,0 +1,120 @@
+"""Model families: what mftcore needs to know per `model_type` that the HF config does not say.
+
+`model_type` is MFTCoder's name for the family (its `utils/model_mapping.py`), which is not always the
+HF config's `model_type`: code_llama and deepseek (DeepSeek-Coder v1) are Llama architectures, and
+MFTCoder's "starcoder" is HF's gpt_bigcode. Each entry gives
+- the EOS token the family's released tokenizers use (the fallback when a tokenizer has none);
+- the LoRA target modules: every linear layer of the decoder except the LM head and MoE routers
+  (MFTCoder's "all-linear"), spelled out so that adapters name the same modules on every version;
+- the decoder-layer class, the unit that FSDP wraps and activation checkpointing recomputes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mftcore.errors import ConfigError
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    hf_model_types: tuple  # the HF config model_type values this family's checkpoints carry
+    eos_token: str
+    lora_targets: tuple
+    decoder_layer: str  # class name of one decoder layer
+
+
+FAMILIES = {
+    "llama": Family(("llama",), "</s>", ATTN + GATED_MLP, "LlamaDecoderLayer"),
+    "code_llama": Family(("llama",), "</s>", ATTN + GATED_MLP, "LlamaDecoderLayer"),
+    "deepseek": Family(("llama",), "<｜end▁of▁sentence｜>", ATTN + GATED_MLP, "LlamaDecoderLayer"),
+    "mistral": Family(("mistral",), "</s>", ATTN + GATED_MLP, "MistralDecoderLayer"),
+    # transformers 5 holds the experts as fused 3-D parameters, not nn.Linear: LoRA reaches attention only.
+    "mixtral": Family(("mixtral",), "</s>", ATTN, "MixtralDecoderLayer"),
+    "qwen2": Family(("qwen2",), "<|endoftext|>", ATTN + GATED_MLP, "Qwen2DecoderLayer"),
+    # gate/up/down_proj here are the shared expert's; the routed experts are fused like Mixtral's.
+    "qwen2_moe": Family(("qwen2_moe",), "<|endoftext|>", ATTN + GATED_MLP, "Qwen2MoeDecoderLayer"),
+    "starcoder2": Family(("starcoder2",), "<|endoftext|>", ATTN + ("c_fc", "c_proj"), "Starcoder2DecoderLayer"),
+    "gpt_bigcode": Family(("gpt_bigcode",), "<|endoftext|>", ("c_attn", "c_proj", "c_fc"), "GPTBigCodeBlock"),
+    "gpt_neox": Family(("gpt_neox",), "<|endoftext|>",
+                       ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), "GPTNeoXLayer"),
+    "phi": Family(("phi",), "<|endoftext|>", ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+                  "PhiDecoderLayer"),
+    "gemma": Family(("gemma",), "<eos>", ATTN + GATED_MLP, "GemmaDecoderLayer"),
+}
+
+# MFTCoder's spellings of the same families.
+ALIASES = {"starcoder": "gpt_bigcode"}
+
+# MFTCoder runs these from model code copied into its own repository; mftcore ships no model code.
+REMOTE_CODE_ONLY = ("aquila2", "baichuan", "chatglm2", "chatglm3", "qwen")
+
+
+def canonical(model_type: str | None) -> str | None:
+    """MFTCoder's model_type spelling -> the key of FAMILIES (unknown types pass through, lower-cased)."""
+    if model_type is None:
+        return None
+    name = model_type.lower()
+    return ALIASES.get(name, name)
+
+
+def check_model_type(model_type: str | None, source: str = "config") -> None:
+    """A one-line error for the families MFTCoder supports only through its own copied model code."""
+    name = canonical(model_type)
+    if name in REMOTE_CODE_ONLY:
+        raise ConfigError(
+            f"{source}: model_type: {model_type!r} is not supported: MFTCoder runs it from model code copied "
+            f"into its repository, which mftcore does not ship (supported: {', '.join(sorted(FAMILIES))}, "
+            "or any causal LM that transformers implements)")
+
+
+def get_family(model_type: str | None) -> Family | None:
+    """The family's entry, or None for a model_type outside the table (generic handling)."""
+    return FAMILIES.get(canonical(model_type))
+
+
+def check_model_matches(model_type: str | None, config) -> None:
+    """model_type must name the family of the checkpoint (MFTCoder would silently load the wrong class)."""
+    family = get_family(model_type)
+    if family is not None and config.model_type not in family.hf_model_types:
+        raise ConfigError(f"model_type: {model_type!r} expects a {'/'.join(family.hf_model_types)} checkpoint, "
+                          f"but the model's config.json says model_type {config.model_type!r}")
+
+
+def check_loss_compatible(config) -> None:
+    """The fused loss applies the LM head as a plain linear layer: refuse heads that transform logits."""
+    # gemma2/3 soft-cap, cohere scales by logit_scale, granite divides by logits_scaling.
+    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
+        if getattr(config, key, None) not in (None, neutral):
+            raise ConfigError(f"model: {config.model_type} applies {key}={getattr(config, key)} to its logits, "
+                              "which the fused cross-entropy does not do yet")
+
+
+def lora_target_modules(model_type: str | None):
+    """The family's LoRA targets, or "all-linear" (peft's every-linear-but-the-head) outside the table."""
+    family = get_family(model_type)
+    return list(family.lora_targets) if family is not None else "all-linear"
+
+
+def decoder_layer_class(model, model_type: str | None = None) -> type:
+    """The class of the model's decoder layers: the family's, else the first of `_no_split_modules`."""
+    family = get_family(model_type)
+    names = [family.decoder_layer] if family is not None else list(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in names:
+            return type(module)
+    raise ConfigError(f"model_type: no decoder layer class ({', '.join(names) or 'none declared'}) "
+                      f"found in {type(model).__name__}")
+
+
+def resolve_eos_token(tokenizer, model_type: str | None) -> str | None:
+    """The tokenizer's EOS, else the family's when the vocabulary has it (as MFTCoder falls back to config)."""
+    if tokenizer.eos_token is not None:
+        return tokenizer.eos_token
+    family = get_family(model_type)
+    if family is not None and family.eos_token in tokenizer.get_vocab():
+        return family.eos_token
+    return None

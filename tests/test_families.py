@@ -1,0 +1,127 @@
+"""Model families: every family of the table trains one step through our train_step / batch_loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import TINY_CONFIGS, TOKENIZER
+
+from conftest import DATA
+from mftcore.config import TrainConfig
+from mftcore.data import collate_padded, load_tasks
+from mftcore.errors import ConfigError
+from mftcore.model import load_model, load_tokenizer
+from mftcore.model.families import (
+    FAMILIES, check_loss_compatible, decoder_layer_class, get_family, lora_target_modules, resolve_eos_token,
+)
+from mftcore.train import batch_loss, build_optimizer, build_scheduler, train_step
+
+
+def family_config(model_type: str, **updates) -> TrainConfig:
+    raw = {"data_paths": DATA, "tokenizer_path": TOKENIZER, "model_config": TINY_CONFIGS[model_type],
+           "model_type": model_type, "seq_length": 128, "learning_rate": 1e-2, "min_lr": 1e-3,
+           "num_warmup_steps": 0, "max_grad_norm": 1.0, **updates}
+    return TrainConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Six padded samples of the three sample tasks (rows of different lengths, so padding is exercised)."""
+    cfg = family_config("llama")
+    tokenizer = load_tokenizer(cfg)
+    data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
+    return collate_padded(data.train[:6], tokenizer.eos_token_id), len(tokenizer)
+
+
+def test_the_table_covers_the_issue_families():
+    assert set(FAMILIES) == set(TINY_CONFIGS) == {
+        "llama", "code_llama", "deepseek", "mistral", "mixtral", "qwen2", "qwen2_moe", "starcoder2",
+        "gpt_bigcode", "gpt_neox", "phi", "gemma"}
+    assert get_family("starcoder") is FAMILIES["gpt_bigcode"] and get_family("Qwen2") is FAMILIES["qwen2"]
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_family_trains_one_step(model_type, batch):
+    b, vocab = batch
+    cfg = family_config(model_type)
+    torch.manual_seed(0)
+    model = load_model(cfg, vocab)
+
+    # Our decoder + fused loss scores exactly what the HF model's own logits score: no family applies
+    # a logit transform (scaling, soft-capping) that the fused loss would miss.
+    model.eval()
+    with torch.no_grad():
+        ours = batch_loss(model, b, 3, reduction="token_mean").loss
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        ref = F.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten(), ignore_index=-100)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, task_sum, counts, grad_norm = train_step(model, [b], optimizer, scheduler, cfg, 3, None)
+    assert torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm > 0
+    assert counts.sum() == (b.labels != -100).sum()
+    changed = [not torch.equal(p0, p) for p0, p in zip(before, model.parameters())]
+    assert sum(changed) >= 0.9 * len(changed), f"{sum(changed)}/{len(changed)} parameters moved"
+    model.eval()
+    with torch.no_grad():
+        after = batch_loss(model, b, 3, reduction="token_mean").loss
+    assert after < ours, (model_type, ours.item(), after.item())
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_decoder_layer_and_lora_targets(model_type, batch):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(family_config(model_type), batch[1])
+    layer = decoder_layer_class(model, model_type)
+    assert sum(isinstance(m, layer) for m in model.modules()) == 2
+    assert layer.__name__ in model._no_split_modules  # the class FSDP wrapping would also find
+
+    targets = set(lora_target_modules(model_type))
+    linear = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert targets <= linear and "lm_head" not in targets
+    # Every linear layer but the LM head is a target, except MoE routers (gates of size 1 or #experts).
+    assert linear - targets - {"lm_head"} <= {"shared_expert_gate", "gate"}
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=sorted(targets)))
+    wrapped = {n.split(".lora_A")[0].split(".")[-1] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert wrapped == targets
+
+
+def test_model_type_must_match_the_checkpoint(batch):
+    cfg = family_config("mistral", model_config=TINY_CONFIGS["llama"])
+    with pytest.raises(ConfigError, match="model_type: 'mistral' expects a mistral checkpoint.*'llama'"):
+        load_model(cfg, batch[1])
+
+
+def test_remote_code_families_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match="model_type: 'chatglm2' is not supported: MFTCoder runs it from model code"):
+        TrainConfig.from_dict({"data_paths": DATA, "tokenizer_path": TOKENIZER, "model_type": "chatglm2",
+                               "model_config": TINY_CONFIGS["llama"]})
+
+
+def test_unknown_family_gets_generic_defaults():
+    assert get_family("qwen3") is None and lora_target_modules("qwen3") == "all-linear"
+
+
+def test_logit_transforms_are_refused():
+    from transformers import AutoConfig
+
+    with pytest.raises(ConfigError, match="final_logit_softcapping"):
+        check_loss_compatible(AutoConfig.for_model("gemma2"))
+    check_loss_compatible(AutoConfig.for_model("gemma"))
+
+
+def test_eos_falls_back_to_the_family_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.add_special_tokens({"additional_special_tokens": ["<eos>"]})
+    tok.eos_token = None
+    assert tok.eos_token is None
+    assert resolve_eos_token(tok, "gemma") == "<eos>"
+    assert resolve_eos_token(tok, "llama") is None  # "</s>" is not in this vocabulary
+    tok.save_pretrained(tmp_path)
+    cfg = family_config("gemma", tokenizer_path=str(tmp_path))
+    assert load_tokenizer(cfg).eos_token == "<eos>"

@@ -1,0 +1,163 @@
+"""MFTCoder's train configs and command-line flags: every key of its MftTrainArgs is accepted with its
+meaning, or refused in one line when mftcore deliberately does not support the value."""
+
+import dataclasses
+import glob
+import json
+import os
+
+import pytest
+from tiny_models import TINY_CONFIGS, TOKENIZER, save_tiny_llama
+
+from conftest import DATA, ROOT
+from mftcore.cli import build_parser, main, train_config_and_overrides
+from mftcore.config import TrainConfig
+from mftcore.errors import ConfigError
+
+# Every field of MFTCoder's MftTrainArgs (mftcoder_accelerate/src/pefts/mft_arguments.py, 8ba13f4) with
+# its default; the five without one get tiny-run values here.
+MFTCODER_DEFAULTS = {
+    "data_paths": DATA, "output_dir": "out", "tb_dir": "out/tb", "pretrained_model_path": None,
+    "model_type": "llama", "load_raw_dataset": True, "task_weights": None, "data_weights": None,
+    "low_cpu_mem_usage": True, "data_split": "98,2,0", "padding_mode": "padding", "tokenize_mode": "sft",
+    "weighted_loss_mode": "case3", "peft_type": "qlora", "quantization": "4bit", "lora_rank": 96,
+    "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": None, "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8, "tokenizer_type": "AutoTokenizer", "learning_rate": 5e-5, "min_lr": 5e-6,
+    "weight_decay": 0.01, "gradient_accumulation_steps": 1, "lr_scheduler_type": "cosine",
+    "num_warmup_steps": 0.05, "num_train_epochs": 4, "seed": 1234, "seq_length": 4096,
+    "resume_from_checkpoint": None, "auto_resume": True, "log_interval": 10, "checkpointing_steps": 100,
+    "evaluation_steps": 100, "max_train_steps": None, "epoch_checkpointing": False,
+    "shuffle_before_split": True, "use_random_sampler": True, "early_stopping": True,
+    "early_stopping_stall_num": 5, "saving_limit": None, "use_dynamic_padding": True, "coba_warmup_steps": 100,
+    "coba_history_length": 200, "coba_tau": 5, "coba_update_interval": 1, "coba_sample_valid_num": 1,
+    "attn_implementation": "flash_attention_2", "role_markers": None, "distributed_type": None,
+    "init_timeout_seconds": 3600, "use_xformers": True, "trust_remote_code": True,
+    "weight_by_num_documents": True, "make_vocab_size_divisible_by": 32, "model_parallel_size": 1,
+    "use_slow_tokenizer": False, "world_size": 8,
+}
+# Keys (or default values) that other issues in flight bring: LoRA/QLoRA, CoBa, early stopping, resume and
+# saving_limit (training engine), attention backends, distributed_type.
+IN_FLIGHT = {"peft_type", "quantization", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
+             "resume_from_checkpoint", "auto_resume", "early_stopping", "early_stopping_stall_num",
+             "saving_limit", "coba_warmup_steps", "coba_history_length", "coba_tau", "coba_update_interval",
+             "coba_sample_valid_num", "attn_implementation", "distributed_type", "deepspeed_config"}
+TINY = {"tokenizer_path": TOKENIZER, "model_config": TINY_CONFIGS["llama"]}
+
+
+def test_every_other_mftcoder_key_loads_with_its_default():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(MFTCODER_DEFAULTS) - IN_FLIGHT <= fields
+    cfg = TrainConfig.from_dict({k: v for k, v in MFTCODER_DEFAULTS.items() if k not in IN_FLIGHT} | TINY)
+    assert cfg.trust_remote_code is True and cfg.world_size == 8 and cfg.use_dynamic_padding
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tokenizer_type", "LlamaTokenizer", "only \"AutoTokenizer\""),
+    ("use_dynamic_padding", False, "pad every batch to seq_length"),
+    ("data_weights", "[1.,2.]", "sampling weights are not supported"),
+    ("model_parallel_size", 2, "only 1"),
+    ("model_type", "baichuan", "MFTCoder runs it from model code"),
+    ("init_timeout_seconds", 0, "positive integer"),
+    ("lr_scheduler_type", "inverse_sqrt", "not supported"),
+    ("tokenize_mode", "sst", "not supported"),
+])
+def test_unsupported_values_are_one_line_errors_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"data_paths": DATA, **TINY, key: value})
+    assert f"{key}:" in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_data_weights_as_mftcoder_writes_them_are_accepted():
+    assert TrainConfig.from_dict({"data_paths": DATA, **TINY, "data_weights": "[1.,1.,1.]"}).data_weights
+
+
+def test_mftcoder_flags_become_overrides():
+    args = build_parser().parse_args([
+        "train", "--train_config", "c.json", "--data_paths", "[a,b]", "--output_dir", "123", "--tb_dir", "tb",
+        "--pretrained_model_path", "m", "--micro_batch_size", "4", "--model_type", "qwen2",
+        "--distributed_type", "fsdp", "seed=7"])
+    path, overrides = train_config_and_overrides(args)
+    assert path == "c.json"
+    assert overrides == ['data_paths="[a,b]"', 'output_dir="123"', 'tb_dir="tb"', 'pretrained_model_path="m"',
+                         "per_device_train_batch_size=4", "per_device_eval_batch_size=4", 'model_type="qwen2"',
+                         'distributed_type="fsdp"', "seed=7"]
+    path, overrides = train_config_and_overrides(build_parser().parse_args(["train", "c.json", "seed=7"]))
+    assert (path, overrides) == ("c.json", ["seed=7"])
+    with pytest.raises(ConfigError, match="give a config file"):
+        train_config_and_overrides(build_parser().parse_args(["train", "seed=7"]))
+
+
+def test_train_with_mftcoder_flags_end_to_end(tmp_path, tokenizer):
+    """MFTCoder's launch line: the config's paths replaced by flags, a tiny pretrained model."""
+    model = save_tiny_llama(str(tmp_path / "model"), tokenizer)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"data_paths": "$DATA_PATHS", "output_dir": "$OUTPUT_DIR", "model_type": "$MODEL_TYPE",
+                                  "pretrained_model_path": "$MODEL", "seq_length": 256, "max_train_steps": 3,
+                                  "evaluation_steps": 0, "checkpointing_steps": 0, "learning_rate": 1e-3,
+                                  "min_lr": 1e-4, "num_warmup_steps": 1}))
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    assert main(["train", "--train_config", str(config), "--data_paths", f"[{DATA[0]},{DATA[2]}]",
+                 "--output_dir", str(out), "--tb_dir", str(tb), "--pretrained_model_path", model,
+                 "--micro_batch_size", "3", "--model_type", "llama", "log_interval=1",
+                 'role_markers={"user": "### Q:\\n"}']) == 0
+    with open(out / "final" / "mftcore_config.json") as f:
+        saved = json.load(f)
+    assert saved["data_paths"] == [DATA[0], DATA[2]] and saved["pretrained_model_path"] == model
+    assert saved["per_device_train_batch_size"] == saved["per_device_eval_batch_size"] == 3
+    assert saved["log_interval"] == 1 and os.listdir(tb)
+    # The trained model's tokenizer renders the training prompt with the run's role markers.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    messages = [{"role": "user", "content": "q"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "### Q:\nq\n<s>bot\n"
+
+
+def test_epoch_checkpointing_saves_at_each_epoch_end(tmp_path, tiny_config):
+    task = tmp_path / "task"
+    task.mkdir()
+    line = {"chat_rounds": [{"role": "human", "content": "q"}, {"role": "bot", "content": "a"}]}
+    (task / "d.jsonl").write_text((json.dumps(line) + "\n") * 20)
+    common = dict(data_paths=[str(task)], data_split="100,0,0", per_device_train_batch_size=8, max_train_steps=None,
+                  num_train_epochs=2, checkpointing_steps=0, model_config=TINY_CONFIGS["llama"])
+    for flag, expected in ((True, ["checkpoint-3", "checkpoint-6"]), (False, ["checkpoint-6"])):
+        out = tmp_path / f"out-{flag}"
+        path, _ = tiny_config(output_dir=str(out), epoch_checkpointing=flag, **common)
+        assert main(["train", path]) == 0
+        assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == expected
+
+
+def test_linear_and_constant_with_warmup_schedules():
+    import torch
+
+    from mftcore.train import build_scheduler
+
+    lrs = {}
+    for kind in ("linear", "constant_with_warmup"):
+        cfg = TrainConfig.from_dict({"data_paths": DATA, **TINY, "learning_rate": 1.0, "min_lr": 0.1,
+                                     "num_warmup_steps": 2, "lr_scheduler_type": kind})
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler(opt, cfg, total_steps=6)
+        lrs[kind] = []
+        for _ in range(7):
+            lrs[kind].append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+    assert lrs["linear"] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.775, 0.55, 0.325, 0.1])
+    assert lrs["constant_with_warmup"] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))), ids=os.path.basename)
+def test_shipped_configs_load_or_wait_only_for_features_in_flight(path):
+    with open(path) as f:
+        raw = json.load(f)
+    if "zero_optimization" in raw:  # a DeepSpeed config, referenced by deepspeed_config
+        assert raw["zero_optimization"]["stage"] in (2, 3)
+        return
+    if os.path.basename(path) in ("tiny.json", "full.json"):  # these need nothing in flight
+        TrainConfig.from_dict(raw, source=path)
+        return
+    try:
+        TrainConfig.from_dict(raw, source=path)
+    except ConfigError as e:
+        assert any(f"'{key}'" in str(e) or f" {key}:" in str(e) for key in IN_FLIGHT), str(e)
