@@ -1,4 +1,4 @@
-"""`mftcore train | generate`. User mistakes print one line and exit 2; --debug shows the traceback."""
+"""`mftcore train | prepare | generate`. User mistakes print one line and exit 2; --debug shows the traceback."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config keys; values are read as JSON when they parse, else as strings")
 
+    p = sub.add_parser("prepare", help="tokenize the data into the cache that train reuses")
+    p.add_argument("config", help="path to a JSON TrainConfig")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, as for train")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="print the first N samples as JSON lines: task, text, input_ids, loss_mask")
+
     p = sub.add_parser("generate", help="answer a prompt in the training format")
     p.add_argument("--model", required=True, help="a model directory, e.g. OUTPUT_DIR/final")
     p.add_argument("--prompt", required=True, help="the user turn")
@@ -35,10 +41,27 @@ def run(args) -> None:
         from mftcore.train import train
 
         train(TrainConfig.from_file(args.config, args.overrides))
+    elif args.command == "prepare":
+        prepare(args.config, args.overrides, args.show)
     elif args.command == "generate":
         from mftcore.generate import generate
 
         print(generate(args.model, args.prompt, args.max_new_tokens, args.system))
+
+
+def prepare(config: str, overrides: list, show: int) -> None:
+    """Build (or find) the data cache; the report goes to stderr, --show's JSON lines to stdout."""
+    from mftcore.config import TrainConfig
+    from mftcore.data import load_tasks, report_lines, show_samples
+    from mftcore.model import load_tokenizer
+
+    cfg = TrainConfig.from_file(config, overrides)
+    tokenizer = load_tokenizer(cfg)
+    data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
+    for line in report_lines(data, cfg):
+        print(line, file=sys.stderr)
+    for line in show_samples(data.train.store, show, tokenizer.eos_token):
+        print(line)
 
 
 def main(argv=None) -> int:
