@@ -43,6 +43,7 @@ def test_tasks_files_names_and_split(tmp_path, tokenizer):
     write(tmp_path / "a" / "code" / "x.jsonl", [chat(f"q{i}") for i in range(10)])
     write(tmp_path / "a" / "code" / "deep" / "y.jsonl", [chat(f"r{i}") for i in range(10)])
     (tmp_path / "a" / "code" / "notes.txt").write_text("not data")
+    write(tmp_path / "a" / "code" / ".ipynb_checkpoints" / "x.jsonl", ["not read: hidden, as for glob"])
     write(tmp_path / "b" / "code" / "z.jsonl", [chat(f"s{i}") for i in range(5)])
     # MFTCoder's "[a,b]" string form of data_paths; the split is read as fractions of its sum
     cfg = make_cfg(tmp_path, [], data_paths=f"[{tmp_path / 'a' / 'code'},{tmp_path / 'b' / 'code'}]",

@@ -1,5 +1,7 @@
 """Training strings and loss masks, against hand-written expectations (MFTCoder's rules)."""
 
+import copy
+
 import pytest
 
 from mftcore.config import DEFAULT_ROLE_MARKERS as M
@@ -124,8 +126,15 @@ def test_batched_tokenization_equals_one_call_per_segment(tokenizer):
     """encode_texts batches the segments; each must get exactly the ids of its own encode() call."""
     from mftcore.data.render import encode_texts
 
+    from mftcore.data.render import plain_fast_tokenizer
+
     texts = ["<s>human\nq\u00e9 \U0001F600\n<s>bot\n", "  def f():\n\treturn 1\n", "\n", "SELECT * FROM t;\n"]
-    assert encode_texts(tokenizer, texts) == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    expected = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    assert plain_fast_tokenizer(tokenizer) and encode_texts(tokenizer, texts) == expected
+    # a backend that truncates by default (as some tokenizer.json files say) must not truncate here
+    truncating = copy.deepcopy(tokenizer)
+    truncating.backend_tokenizer.enable_truncation(max_length=2)
+    assert encode_texts(truncating, texts) == expected
 
 
 @pytest.mark.parametrize("record, message", [

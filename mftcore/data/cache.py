@@ -51,15 +51,16 @@ def task_names(paths: list) -> list:
 
 
 def jsonl_files(path: str) -> list:
-    """Every *.jsonl below a task directory (sorted, recursive), or the path itself if it is a file."""
+    """Every *.jsonl below a task directory (sorted, recursive), or the path itself if it is a file.
+    Hidden files and directories are left out, as MFTCoder's glob("**/*.jsonl") leaves them out."""
     if not os.path.exists(path):
         raise DataError(f"{path}: data path does not exist")
     if os.path.isfile(path):
         return [path]
     files = []
     for root, dirs, names in os.walk(path, followlinks=True):
-        dirs.sort()
-        files += [os.path.join(root, n) for n in names if n.endswith(".jsonl")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(root, n) for n in names if n.endswith(".jsonl") and not n.startswith(".")]
     if not files:
         raise DataError(f"{path}: no *.jsonl files in this task directory")
     return sorted(files)
