@@ -21,7 +21,8 @@ from mftcore.data.dataset import epoch_order, micro_batches, sample_lengths
 from mftcore.data.packing import best_fit_decreasing, rows_from_bins
 
 
-def pack_epoch(lengths: np.ndarray, order: np.ndarray, seq_length: int, seed: int, epoch: int) -> list:
+def pack_epoch(lengths: np.ndarray, order: np.ndarray, seq_length: int, seed: int, epoch: int,
+               world_size: int = 1) -> list:
     """Rows of sample indices for one epoch: BFD over the epoch's order, then the rows shuffled.
 
     BFD places long documents first, so its bins come out ordered by what they hold; the shuffle
@@ -30,9 +31,26 @@ def pack_epoch(lengths: np.ndarray, order: np.ndarray, seq_length: int, seed: in
     """
     if len(order) == 0:
         return []
-    rows = rows_from_bins(best_fit_decreasing(lengths[order], seq_length))
+    rows = [order[r] for r in rows_from_bins(best_fit_decreasing(lengths[order], seq_length))]
+    rows = split_rows_to_multiple(rows, world_size)
     shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(rows))
-    return [order[rows[r]] for r in shuffle]
+    return [rows[r] for r in shuffle]
+
+
+def split_rows_to_multiple(rows: list, world_size: int) -> list:
+    """Split the rows holding the most documents in two until their number is a multiple of
+    world_size: then the last global micro-batch gives every rank at least one row, and every rank
+    takes the same number of steps per epoch (a rank with an empty slice would stall the others).
+    Only when too few rows hold two documents (fewer samples than ranks) does a rank come up short."""
+    need = -len(rows) % world_size
+    if not need:
+        return rows
+    splittable = sorted((k for k, r in enumerate(rows) if len(r) >= 2), key=lambda k: (-len(rows[k]), k))[:need]
+    halves = {k: (rows[k][:len(rows[k]) // 2], rows[k][len(rows[k]) // 2:]) for k in splittable}
+    out = []
+    for k, row in enumerate(rows):
+        out.extend(halves.get(k, (row,)))
+    return out
 
 
 class StepLoader:
@@ -48,7 +66,8 @@ class StepLoader:
             self.lengths = sample_lengths(samples)
             if len(self.lengths) and self.lengths.max() > seq_length:
                 raise ValueError(f"a sample of {self.lengths.max()} tokens does not fit seq_length={seq_length}")
-            self.num_rows = len(pack_epoch(self.lengths, np.arange(len(self.lengths)), seq_length, seed, 0))
+            self.num_rows = len(pack_epoch(self.lengths, np.arange(len(self.lengths)), seq_length, seed, 0,
+                                           world_size))
 
     def steps_per_epoch(self) -> int:
         units = self.num_rows if self.pack else len(self.samples)
@@ -60,7 +79,7 @@ class StepLoader:
         order = epoch_order(len(self.samples), self.seed, epoch)
         if not self.pack:
             return micro_batches(order, self.batch_size, self.rank, self.world_size)
-        rows = pack_epoch(self.lengths, order, self.seq_length, self.seed, epoch)
+        rows = pack_epoch(self.lengths, order, self.seq_length, self.seed, epoch, self.world_size)
         groups = micro_batches(np.arange(len(rows)), self.batch_size, self.rank, self.world_size)
         return [[rows[r] for r in g] for g in groups]
 
