@@ -69,8 +69,6 @@ def test_long_sample_policy_truncate_and_drop(tmp_path, tokenizer):
     assert (data.report["t"]["dropped"], data.report["t"]["samples"], len(data.train)) == (2, 1, 1)
     assert "2 longer than seq_length=64 dropped" in report_lines(data, make_cfg(
         tmp_path, [tmp_path / "t"], long_sample_policy="drop"))[1]
-    with pytest.raises(ConfigError, match="long_sample_policy"):
-        make_cfg(tmp_path, [tmp_path / "t"], long_sample_policy="cut")
 
 
 # --- bad input: one line naming file:line, or skipped and counted ---
@@ -263,3 +261,17 @@ def test_prepare_bad_data_exits_2_with_one_line(tmp_path, capsys):
     assert err.strip().splitlines() == [
         f"mftcore: error: {tmp_path / 't' / 'x.jsonl'}:2: chat_rounds[0] has role 'bot': roles must alternate "
         "human/bot (system only first)"]
+
+
+@pytest.mark.parametrize("update, key", [
+    ({"long_sample_policy": "cut"}, "long_sample_policy"),
+    ({"skip_bad_samples": "yes"}, "skip_bad_samples"),
+    ({"eos_token": ""}, "eos_token"),
+    ({"eos_token": 2}, "eos_token"),
+    ({"tokenize_workers": -1}, "tokenize_workers"),
+    ({"padding_mode": "concat"}, "padding_mode"),
+])
+def test_data_keys_are_validated(tmp_path, update, key):
+    with pytest.raises(ConfigError, match=f"config: {key}: "):
+        make_cfg(tmp_path, ["x"], **update)
+    assert make_cfg(tmp_path, ["x"], padding_mode="pack").padding_mode == "pack"
