@@ -128,7 +128,8 @@ def machine() -> dict:
     import torch
 
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__}
+            "numpy": np.__version__, "torch": torch.__version__,
+            "load_average_1min": os.getloadavg()[0]}  # the machine is shared: how busy it was
 
 
 def print_table(packing: dict, prepare: dict) -> None:
