@@ -8,7 +8,8 @@
 // Rooms are integers in [0, capacity], so instead of an ordered set of (room, bin) we keep one
 // min-heap of bin indices per room value and a two-level bitset of the non-empty rooms: "least room
 // >= length" is two or three word scans. With a counting sort instead of std::stable_sort, this took
-// 1M lognormal lengths (capacity 4096, 2-core CPU) from 184 ms (std::set) to ~12 ms.
+// 1M lognormal lengths (capacity 4096, shared 2-core CPU) from 184 ms (std::set) to 10-17 ms
+// (bench/results/cpu-amd-epyc-2core.json).
 // A bin whose room is below the shortest item can never be chosen again, so it is not tracked.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
