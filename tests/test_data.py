@@ -95,6 +95,14 @@ def test_bad_line_names_file_and_line(tmp_path, tokenizer, line, reason):
         load(make_cfg(tmp_path, [tmp_path / "t"]), tokenizer)
 
 
+def test_byte_order_mark_and_crlf_are_read(tmp_path, tokenizer):
+    f = tmp_path / "t" / "x.jsonl"
+    f.parent.mkdir()
+    f.write_bytes(b"\xef\xbb\xbf" + chat().encode() + b"\r\n" + chat().encode() + b"\r\n")
+    data = load(make_cfg(tmp_path, [tmp_path / "t"], data_split="1,0,0"), tokenizer)
+    assert len(data.train) == 2 and data.train[0].input_ids.tolist() == data.train[1].input_ids.tolist()
+
+
 def test_skip_bad_samples_counts_per_task(tmp_path, tokenizer):
     lines = [chat()] + [line.decode("utf-8", "replace") for line, _ in BAD_LINES[:-1]]
     write(tmp_path / "t1" / "x.jsonl", lines)

@@ -47,7 +47,7 @@ def parse_line(raw: bytes):
     except UnicodeDecodeError as e:
         raise RenderError(f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(line)
+        return json.loads(line.lstrip("\ufeff"))  # a byte-order mark, as editors on Windows write one
     except json.JSONDecodeError as e:
         raise RenderError(f"invalid JSON: {e.msg} (column {e.colno})") from None
 
