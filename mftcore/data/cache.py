@@ -163,6 +163,7 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
     try:
         lengths, task_ids, sources = [], [], []
         # On a terminal only (tqdm's disable=None), so that logs and error output stay one line each.
