@@ -1,6 +1,7 @@
-"""`mftcore train | merge | generate`. User mistakes print one line and exit 2; --debug shows the traceback.
+"""`mftcore train | prepare | merge | generate`. User mistakes print one line and exit 2; --debug shows the
+traceback.
 
-This module only parses arguments and dispatches; the work lives in train.py, merge.py, generate.py.
+This module only parses arguments and dispatches; the work lives in train.py, data/, merge.py, generate.py.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def add_train_parser(sub) -> None:
     for flag in MFTCODER_TRAIN_FLAGS:
         p.add_argument(f"--{flag}", type=int if flag == "micro_batch_size" else str,
                        help=f"overrides {' and '.join(MFTCODER_TRAIN_FLAGS[flag])}")
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize the data into the cache that train reuses")
+    p.add_argument("config", help="path to a JSON TrainConfig")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, as for train")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="print the first N samples as JSON lines: task, text, input_ids, loss_mask")
 
 
 def add_merge_parser(sub) -> None:
@@ -69,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_prepare_parser(sub)
     add_merge_parser(sub)
     add_generate_parser(sub)
     return parser
@@ -101,6 +111,8 @@ def run(args) -> None:
 
         path, overrides = train_config_and_overrides(args)
         train(TrainConfig.from_file(path, overrides))
+    elif args.command == "prepare":
+        prepare(args.config, args.overrides, args.show)
     elif args.command == "merge":
         from mftcore.merge import merge
 
@@ -113,6 +125,21 @@ def run(args) -> None:
         answer(args.model, args.adapter, prompt=args.prompt, system=args.system, file=args.file,
                output=args.output, sampling=sampling, batch_size=args.batch_size,
                trust_remote_code=args.trust_remote_code)
+
+
+def prepare(config: str, overrides: list, show: int) -> None:
+    """Build (or find) the data cache; the report goes to stderr, --show's JSON lines to stdout."""
+    from mftcore.config import TrainConfig
+    from mftcore.data import load_tasks, report_lines, show_samples
+    from mftcore.model import load_tokenizer
+
+    cfg = TrainConfig.from_file(config, overrides)
+    tokenizer = load_tokenizer(cfg)
+    data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
+    for line in report_lines(data, cfg):
+        print(line, file=sys.stderr)
+    for line in show_samples(data.train.store, show, tokenizer.eos_token):
+        print(line)
 
 
 def main(argv=None) -> int:

@@ -30,9 +30,9 @@ class TrainConfig:
     data_split: str = "98,2,0"
     """train,valid,test proportions per task, read as fractions of their sum."""
     padding_mode: str = "padding"
-    """"padding": one sample per row, padded to the longest row of the batch (dynamic padding)."""
+    """"padding": one sample per row, padded to the batch's longest row; "pack": whole samples in rows of seq_length."""
     seq_length: int = 4096
-    """Longest sample in tokens; longer samples are truncated (counted and reported)."""
+    """Longest sample (and packed row) in tokens; longer samples follow long_sample_policy."""
     role_markers: Optional[dict] = None
     """Template before each role, keys system/user/assistant (default `<s>system\\n`, `<s>human\\n`, `<s>bot\\n`)."""
     load_raw_dataset: bool = True
@@ -41,6 +41,16 @@ class TrainConfig:
     """MFTCoder compatibility: only "sft" (loss on assistant turns) is supported."""
     shuffle_before_split: bool = True
     """Shuffle each task's samples (by seed) before the train/valid split."""
+    long_sample_policy: str = "truncate"
+    """mftcore: a sample longer than seq_length is "truncate"d to it or "drop"ped; counted per task either way."""
+    skip_bad_samples: bool = False
+    """mftcore: skip bad lines (counted per task) instead of stopping at the first one with file:line."""
+    eos_token: Optional[str] = None
+    """mftcore: token appended to each answer and used as padding (default: the tokenizer's eos_token)."""
+    cache_dir: Optional[str] = None
+    """mftcore: where `prepare` keeps the tokenized data (default: mftcore_cache next to output_dir)."""
+    tokenize_workers: int = 0
+    """mftcore: processes that tokenize the data (0: one per CPU, at most 8)."""
 
     # --- model ---
     pretrained_model_path: Optional[str] = None
@@ -193,7 +203,8 @@ class TrainConfig:
         if self.model_config is not None and "model_type" not in self.model_config:
             bad("model_config", "needs a model_type (e.g. \"llama\")")
         choices = {
-            "padding_mode": ("padding",),
+            "padding_mode": ("padding", "pack"),
+            "long_sample_policy": ("truncate", "drop"),
             "weighted_loss_mode": ("case3",),
             "lr_scheduler_type": ("cosine", "constant", "linear", "constant_with_warmup"),
             "attn_implementation": ("sdpa", "eager"),
@@ -227,6 +238,12 @@ class TrainConfig:
         unknown = set(self.role_markers) - {"system", "user", "assistant"}
         if unknown:
             bad("role_markers", f"unknown keys {sorted(unknown)} (allowed: system, user, assistant)")
+        if not isinstance(self.skip_bad_samples, bool):
+            bad("skip_bad_samples", f"must be true or false, got {self.skip_bad_samples!r}")
+        if self.eos_token is not None and (not isinstance(self.eos_token, str) or not self.eos_token):
+            bad("eos_token", f"must be a non-empty token string or null, got {self.eos_token!r}")
+        if not isinstance(self.tokenize_workers, int) or self.tokenize_workers < 0:
+            bad("tokenize_workers", f"must be an integer >= 0, got {self.tokenize_workers!r}")
 
     def validate_mftcoder_keys(self, bad, source: str) -> None:
         """The MFTCoder-compatibility block: values mftcore deliberately does not support."""

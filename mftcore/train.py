@@ -14,7 +14,7 @@ import torch
 
 from mftcore import checkpoint
 from mftcore.config import TrainConfig
-from mftcore.data import StepLoader, collate_padded, load_tasks
+from mftcore.data import StepLoader, collate_padded, data_rank, load_tasks, report_lines
 from mftcore.data.chat_template import build_chat_template
 from mftcore.errors import ConfigError
 from mftcore.kernels import fused_linear_cross_entropy
@@ -116,15 +116,16 @@ def train(cfg: TrainConfig) -> str:
     model = load_model(cfg, len(tokenizer)).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
+    rank, world_size = data_rank()
     loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
-                        accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed)
+                        accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed,
+                        rank=rank, world_size=world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length)
     total_steps = cfg.max_train_steps or cfg.num_train_epochs * loader.steps_per_epoch()
     scheduler = build_scheduler(optimizer, cfg, total_steps)
 
     metrics = Metrics(cfg.output_dir, cfg.tb_dir, total_steps)
-    for name, r in data.report.items():
-        metrics.print(f"task {name}: {r['samples']} samples ({r['train']} train, {r['valid']} valid), "
-                      f"{r['truncated']} truncated to seq_length={cfg.seq_length}")
+    for line in report_lines(data, cfg):
+        metrics.print(line)
     n_params = sum(p.numel() for p in model.parameters())
     metrics.print(f"model: {n_params / 1e6:.2f}M parameters; {total_steps} steps on {device}")
 

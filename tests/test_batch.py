@@ -53,7 +53,8 @@ def write(path, lines):
 
 def config_for(tmp_path, paths):
     return TrainConfig.from_dict({"data_paths": [str(p) for p in paths], "tokenizer_path": "x",
-                                  "model_config": {"model_type": "llama"}, "seq_length": 16})
+                                  "model_config": {"model_type": "llama"}, "seq_length": 16,
+                                  "output_dir": str(tmp_path / "out"), "tokenize_workers": 1})
 
 
 def good(q="q", a="a"):
@@ -66,14 +67,14 @@ def test_load_tasks_truncates_and_reports(tmp_path, tokenizer):
     data = load_tasks(config_for(tmp_path, [tmp_path / "t1", tmp_path / "t2"]), tokenizer, tokenizer.eos_token_id)
     assert data.names == ["t1", "t2"]
     assert data.report["t1"]["truncated"] == 1 and data.report["t1"]["samples"] == 2
-    assert all(len(s.input_ids) <= 16 for s in data.train + data.valid)
+    assert all(len(s.input_ids) <= 16 for s in list(data.train) + list(data.valid))
     assert {s.task_id for s in data.train} == {0, 1}
 
 
 @pytest.mark.parametrize("content, expected", [
     (b'{"chat_rounds": [}\n', r"x\.jsonl:2: invalid JSON"),
     (b'{"text_only": 1}\n', r"x\.jsonl:2: record has no known shape"),
-    (b'{"chat_rounds": [{"role": "bot", "content": "a"}]}\n', r"x\.jsonl:2: turn 0 has role 'bot'"),
+    (b'{"chat_rounds": [{"role": "bot", "content": "a"}]}\n', r"x\.jsonl:2: chat_rounds\[0\] has role 'bot'"),
     (b'\xff\xfe\n', r"x\.jsonl:2: invalid UTF-8"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, tokenizer, content, expected):

@@ -1,11 +1,13 @@
-"""Chat formats -> tokens + loss mask -> padding -> Batch."""
+"""Chat formats -> tokens + loss mask -> cache -> packing or padding -> Batch."""
 
-from mftcore.data.batch import IGNORE_INDEX, Batch, collate_padded, shift_labels
-from mftcore.data.dataset import Sample, TaskData, epoch_order, load_tasks, micro_batches
+from mftcore.data.batch import IGNORE_INDEX, Batch, collate_packed, collate_padded, shift_labels
+from mftcore.data.dataset import (Sample, SampleView, TaskData, data_rank, epoch_order, load_tasks, micro_batches,
+                                  report_lines, show_samples)
 from mftcore.data.loader import StepLoader
 from mftcore.data.render import Segment, render_prompt, render_record, tokenize_segments
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "collate_padded", "shift_labels", "Sample", "TaskData", "epoch_order",
-    "load_tasks", "micro_batches", "StepLoader", "Segment", "render_prompt", "render_record", "tokenize_segments",
+    "IGNORE_INDEX", "Batch", "collate_packed", "collate_padded", "shift_labels", "Sample", "SampleView", "TaskData",
+    "data_rank", "epoch_order", "load_tasks", "micro_batches", "report_lines", "show_samples", "StepLoader",
+    "Segment", "render_prompt", "render_record", "tokenize_segments",
 ]

@@ -1,9 +1,10 @@
-"""The Batch of DESIGN.md, and the padding collator that builds it.
+"""The Batch of DESIGN.md, and the collators (padded, packed) that build it.
 
 Every attention backend and every loss reads only this. A padded batch holds one document per row,
-right-padded to the longest row (MFTCoder's dynamic padding). cu_seqlens covers the flattened B*L
-tokens: each document is one segment and each run of padding is a segment of its own, so a varlen
-kernel can run on the flat tensor while no real token ever attends to or from padding.
+right-padded to the longest row (MFTCoder's dynamic padding); a packed batch holds several whole
+documents per row (padding_mode "pack"), again padded to the longest row. cu_seqlens covers the
+flattened B*L tokens: each document is one segment and each run of padding is a segment of its own,
+so a varlen kernel can run on the flat tensor while no real token ever attends to or from padding.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -39,34 +41,53 @@ class Batch:
         return int((self.task_ids >= 0).sum())
 
 
-def shift_labels(ids: list[int], mask: list[int]) -> list[int]:
+def shift_labels(ids, mask) -> list[int]:
     """labels[j] = ids[j+1] where token j+1 is a target, else IGNORE_INDEX; the last token has none."""
-    out = [ids[j + 1] if mask[j + 1] else IGNORE_INDEX for j in range(len(ids) - 1)]
-    return out + [IGNORE_INDEX] if ids else out
+    return shifted_labels(np.asarray(ids, dtype=np.int64), np.asarray(mask)).tolist()
+
+
+def shifted_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    out[:-1] = np.where(np.asarray(mask[1:]) != 0, ids[1:], IGNORE_INDEX)
+    return out
 
 
 def collate_padded(samples, pad_id: int) -> Batch:
-    """samples: objects with input_ids, loss_mask (lists aligned) and task_id. One per row."""
+    """samples: objects with input_ids, loss_mask (aligned) and task_id. One per row, right-padded."""
     if not samples:
         raise ValueError("collate_padded needs at least one sample")
-    B = len(samples)
-    L = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-    task_ids = torch.full((B, L), -1, dtype=torch.long)
-    position_ids = torch.zeros((B, L), dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    batch = collate_packed([[s] for s in samples], pad_id)
+    batch.attention_mask = (batch.task_ids >= 0).long()
+    return batch
+
+
+def collate_packed(rows, pad_id: int) -> Batch:
+    """rows: lists of samples; each row holds its documents back to back, then padding up to the
+    longest row. Labels are shifted and positions restart inside each document; a trailing padding
+    run is a segment of cu_seqlens of its own. attention_mask is None: attention is given by
+    cu_seqlens (or the block-diagonal mask built from it, see mftcore.model)."""
+    if not rows or not all(rows):
+        raise ValueError("collate_packed needs at least one row, and no empty row")
+    docs = [[np.asarray(s.input_ids, dtype=np.int64) for s in row] for row in rows]
+    B, L = len(rows), max(sum(len(d) for d in row) for row in docs)
+    input_ids = np.full((B, L), pad_id, dtype=np.int64)
+    labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
+    task_ids = np.full((B, L), -1, dtype=np.int64)
+    position_ids = np.zeros((B, L), dtype=np.int64)
     seglens = []
-    for b, s in enumerate(samples):
-        n = len(s.input_ids)
-        input_ids[b, :n] = torch.as_tensor(s.input_ids, dtype=torch.long)
-        labels[b, :n] = torch.as_tensor(shift_labels(list(s.input_ids), list(s.loss_mask)), dtype=torch.long)
-        task_ids[b, :n] = s.task_id
-        position_ids[b, :n] = torch.arange(n)
-        attention_mask[b, :n] = 1
-        seglens.append(n)
-        if n < L:
-            seglens.append(L - n)
+    for b, (row, row_docs) in enumerate(zip(rows, docs)):
+        pos = 0
+        for s, ids in zip(row, row_docs):
+            n = len(ids)
+            input_ids[b, pos:pos + n] = ids
+            labels[b, pos:pos + n] = shifted_labels(ids, s.loss_mask)
+            task_ids[b, pos:pos + n] = s.task_id
+            position_ids[b, pos:pos + n] = np.arange(n)
+            seglens.append(n)
+            pos += n
+        if pos < L:
+            seglens.append(L - pos)
     cu = torch.zeros(len(seglens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(seglens, dtype=torch.int32), 0)
-    return Batch(input_ids, labels, task_ids, position_ids, cu, max(seglens), attention_mask)
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(task_ids),
+                 torch.from_numpy(position_ids), cu, max(seglens), None)

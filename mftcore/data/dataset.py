@@ -1,12 +1,14 @@
-"""Task directories -> tokenized samples, split into train/valid, and the per-epoch batch order.
+"""Task directories -> the cached samples, split into train/valid, and the per-epoch sample order.
 
-One task per `data_paths` entry; every `*.jsonl` below it (sorted, recursive). A bad line is a
-DataError naming file:line; a sample longer than seq_length is truncated and counted per task.
+One task per `data_paths` entry; every `*.jsonl` below it (sorted, recursive). Tokenizing happens
+once, into the cache (mftcore.data.cache); here the cached samples are split per task: shuffled by
+seed (`shuffle_before_split`), then train = ceil(train fraction * n) as in MFTCoder, valid = the
+valid fraction. Samples are read from the memory map only when a batch needs them, so each rank
+touches only the samples of its own batches.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -14,75 +16,55 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mftcore.data.render import RenderError, render_record, tokenize_segments
-from mftcore.errors import DataError
+from mftcore.data.cache import SampleStore, jsonl_files, prepare_cache, task_names  # noqa: F401 (re-export)
+from mftcore.data.encode import parse_line
+from mftcore.data.render import render_record, render_text
 
 
 @dataclass
 class Sample:
-    input_ids: list
-    loss_mask: list
+    input_ids: object  # list or int array
+    loss_mask: object  # aligned with input_ids, 1 = training target
     task_id: int
+
+
+class SampleView:
+    """A subset of a SampleStore (e.g. one split), indexable like a list of Sample."""
+
+    def __init__(self, store: SampleStore, indices: np.ndarray):
+        self.store, self.indices = store, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Sample(*self.store.sample(int(self.indices[i])))
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths[self.indices]
 
 
 @dataclass
 class TaskData:
     names: list
-    train: list
-    valid: list
-    report: dict = field(default_factory=dict)  # task -> {"samples", "train", "valid", "truncated"}
+    train: object  # SampleView (or a list of Sample)
+    valid: object
+    report: dict = field(default_factory=dict)  # task -> counts: samples, train, valid, truncated, dropped, skipped
+    cache: str = ""  # the cache entry directory
+    cache_reused: bool = False
 
 
-def task_names(paths: list) -> list:
-    """Directory basenames; a basename used twice gets its position appended ("code", "code_2")."""
-    names = []
-    for p in paths:
-        base = os.path.basename(os.path.normpath(p)) or "task"
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    return names
-
-
-def jsonl_files(path: str) -> list:
-    if not os.path.exists(path):
-        raise DataError(f"{path}: data path does not exist")
-    if os.path.isfile(path):
-        return [path]
-    files = sorted(glob.glob(os.path.join(path, "**", "*.jsonl"), recursive=True))
-    if not files:
-        raise DataError(f"{path}: no *.jsonl files in this task directory")
-    return files
-
-
-def read_task(path: str, task_id: int, tokenizer, eos_id: int, markers: dict, seq_length: int):
-    """All samples of one task directory, plus how many were truncated to seq_length."""
-    samples, truncated = [], 0
-    for file in jsonl_files(path):
-        with open(file, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-                try:
-                    segments = render_record(record, markers)
-                except RenderError as e:
-                    raise DataError(f"{file}:{lineno}: {e}") from None
-                ids, mask = tokenize_segments(segments, tokenizer, eos_id)
-                if len(ids) > seq_length:
-                    ids, mask, truncated = ids[:seq_length], mask[:seq_length], truncated + 1
-                samples.append(Sample(ids, mask, task_id))
-    if not samples:
-        raise DataError(f"{path}: the task has no samples")
-    return samples, truncated
+def sample_lengths(samples) -> np.ndarray:
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.asarray([len(s.input_ids) for s in samples], dtype=np.int64)
 
 
 def split_counts(n: int, train_frac: float, valid_frac: float) -> tuple:
@@ -92,20 +74,72 @@ def split_counts(n: int, train_frac: float, valid_frac: float) -> tuple:
     return n_train, n_valid
 
 
-def load_tasks(cfg, tokenizer, eos_id: int) -> TaskData:
-    names = task_names(cfg.data_paths)
+def local_rank() -> int:
+    """LOCAL_RANK as torchrun sets it (0 when not launched by torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def data_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_tasks(cfg, tokenizer, eos_id: int, *, progress: bool = True) -> TaskData:
+    """Build or reuse the cache entry for cfg, then split each task into train and valid indices."""
+    path, reused = prepare_cache(cfg, tokenizer, eos_id, local_rank=local_rank(), progress=progress)
+    store = SampleStore(path)
+    names = [t["name"] for t in store.meta["tasks"]]
     train_frac, valid_frac, _ = cfg.split_fractions()
-    data = TaskData(names, [], [])
-    for task_id, (path, name) in enumerate(zip(cfg.data_paths, names)):
-        samples, truncated = read_task(path, task_id, tokenizer, eos_id, cfg.role_markers, cfg.seq_length)
+    train, valid, report = [], [], {}
+    for task_id, task in enumerate(store.meta["tasks"]):
+        start, end = store.task_range(task_id)
+        idx = np.arange(start, end)
         if cfg.shuffle_before_split:
-            order = np.random.default_rng([cfg.seed, task_id]).permutation(len(samples))
-            samples = [samples[i] for i in order]
-        n_train, n_valid = split_counts(len(samples), train_frac, valid_frac)
-        data.train += samples[:n_train]
-        data.valid += samples[n_train:n_train + n_valid]
-        data.report[name] = {"samples": len(samples), "train": n_train, "valid": n_valid, "truncated": truncated}
-    return data
+            idx = idx[np.random.default_rng([cfg.seed, task_id]).permutation(len(idx))]
+        n_train, n_valid = split_counts(len(idx), train_frac, valid_frac)
+        train.append(idx[:n_train])
+        valid.append(idx[n_train:n_train + n_valid])
+        report[task["name"]] = {"samples": task["samples"], "train": n_train, "valid": n_valid,
+                                "truncated": task["truncated"], "dropped": task["dropped"],
+                                "skipped": task["skipped"], "skip_examples": task["skip_examples"]}
+    return TaskData(names, SampleView(store, np.concatenate(train)), SampleView(store, np.concatenate(valid)),
+                    report, path, reused)
+
+
+def report_lines(data: TaskData, cfg) -> list:
+    """The start-up report: the cache entry, then per task its counts; nothing is dropped silently."""
+    lines = [f"data cache: {data.cache} ({'reused' if data.cache_reused else 'built'})"]
+    verb = "dropped" if cfg.long_sample_policy == "drop" else "truncated"
+    for name, r in data.report.items():
+        line = (f"task {name}: {r['samples']} samples ({r['train']} train, {r['valid']} valid), "
+                f"{r[verb]} longer than seq_length={cfg.seq_length} {verb}, {r['skipped']} bad lines skipped")
+        if r["skip_examples"]:
+            line += f" (first: {r['skip_examples'][0]})"
+        lines.append(line)
+    return lines
+
+
+def show_samples(store: SampleStore, n: int, eos_text: str) -> list:
+    """The first n samples in data order, as JSON lines {"task", "text", "input_ids", "loss_mask"}:
+    ids and mask from the cache, the text rendered again from the sample's source line."""
+    out, wanted = [], {}
+    for i in range(min(n, len(store))):
+        file, line = store.source(i)
+        wanted.setdefault(file, {})[line] = i
+    texts = {}
+    for file, lines in wanted.items():
+        with open(file, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if number in lines:
+                    texts[lines[number]] = render_text(render_record(parse_line(raw), store.meta["key"]["markers"]),
+                                                       eos_text)
+                if number >= max(lines):
+                    break
+    for i in range(min(n, len(store))):
+        ids, mask, task_id = store.sample(i)
+        out.append(json.dumps({"task": store.meta["tasks"][task_id]["name"], "text": texts[i],
+                               "input_ids": ids.tolist(), "loss_mask": mask.tolist()}, ensure_ascii=False))
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -1,33 +1,92 @@
 """StepLoader: the batches of each optimizer step, in an order that a checkpoint can resume exactly.
 
-Each epoch is a fresh seeded permutation of the training samples (the same on every rank); it is
-cut into global micro-batches and each rank takes its slice. A step is `gradient_accumulation_steps`
-micro-batches and never spans two epochs. The position (epoch, step within the epoch) is the whole
-state: `state_dict()` / `load_state_dict()` continue from exactly the next step.
+Each epoch is a fresh seeded permutation of the training samples (the same on every rank). With
+padding, it is cut into global micro-batches of samples; with packing, the permuted samples are
+first packed into rows of seq_length by best-fit-decreasing (C++), the rows are shuffled, and the
+rows are cut into global micro-batches. Either way each rank takes its slice of every global
+micro-batch, so every sample is used exactly once per epoch across ranks, and a sample keeps its
+own task id wherever it lands. A step is `gradient_accumulation_steps` micro-batches and never
+spans two epochs. The position (epoch, step within the epoch) is the whole state:
+`state_dict()` / `load_state_dict()` continue from exactly the next step.
 """
 
 from __future__ import annotations
 
 import math
 
-from mftcore.data.batch import collate_padded
-from mftcore.data.dataset import epoch_order, micro_batches
+import numpy as np
+
+from mftcore.data.batch import collate_packed, collate_padded
+from mftcore.data.dataset import epoch_order, micro_batches, sample_lengths
+from mftcore.data.packing import best_fit_decreasing, rows_from_bins
+
+
+def pack_epoch(lengths: np.ndarray, order: np.ndarray, seq_length: int, seed: int, epoch: int,
+               world_size: int = 1) -> list:
+    """Rows of sample indices for one epoch: BFD over the epoch's order, then the rows shuffled.
+
+    BFD places long documents first, so its bins come out ordered by what they hold; the shuffle
+    mixes them. Ties between equal lengths follow the epoch order, so rows differ between epochs,
+    while their number (a function of the multiset of lengths only) does not.
+    """
+    if len(order) == 0:
+        return []
+    rows = [order[r] for r in rows_from_bins(best_fit_decreasing(lengths[order], seq_length))]
+    rows = split_rows_to_multiple(rows, world_size)
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(rows))
+    return [rows[r] for r in shuffle]
+
+
+def split_rows_to_multiple(rows: list, world_size: int) -> list:
+    """Split the rows holding the most documents in two until their number is a multiple of
+    world_size: then the last global micro-batch gives every rank at least one row, and every rank
+    takes the same number of steps per epoch (a rank with an empty slice would stall the others).
+    Only when too few rows hold two documents (fewer samples than ranks) does a rank come up short."""
+    need = -len(rows) % world_size
+    if not need:
+        return rows
+    splittable = sorted((k for k, r in enumerate(rows) if len(r) >= 2), key=lambda k: (-len(rows[k]), k))[:need]
+    halves = {k: (rows[k][:len(rows[k]) // 2], rows[k][len(rows[k]) // 2:]) for k in splittable}
+    out = []
+    for k, row in enumerate(rows):
+        out.extend(halves.get(k, (row,)))
+    return out
 
 
 class StepLoader:
     def __init__(self, samples, *, batch_size: int, accumulation: int, pad_id: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pack: bool = False, seq_length: int | None = None):
         self.samples, self.batch_size, self.accumulation = samples, batch_size, accumulation
         self.pad_id, self.seed, self.rank, self.world_size = pad_id, seed, rank, world_size
+        self.pack, self.seq_length = pack, seq_length
         self.epoch, self.step_in_epoch = 0, 0
+        if pack:
+            if not seq_length:
+                raise ValueError("packing needs seq_length")
+            self.lengths = sample_lengths(samples)
+            if len(self.lengths) and self.lengths.max() > seq_length:
+                raise ValueError(f"a sample of {self.lengths.max()} tokens does not fit seq_length={seq_length}")
+            self.num_rows = len(pack_epoch(self.lengths, np.arange(len(self.lengths)), seq_length, seed, 0,
+                                           world_size))
 
     def steps_per_epoch(self) -> int:
-        groups = math.ceil(len(self.samples) / (self.batch_size * self.world_size))
+        units = self.num_rows if self.pack else len(self.samples)
+        groups = math.ceil(units / (self.batch_size * self.world_size))
         return math.ceil(groups / self.accumulation)
 
     def _epoch_groups(self, epoch: int) -> list:
+        """This rank's micro-batches of the epoch, each a list of rows (pack) or of sample indices."""
         order = epoch_order(len(self.samples), self.seed, epoch)
-        return micro_batches(order, self.batch_size, self.rank, self.world_size)
+        if not self.pack:
+            return micro_batches(order, self.batch_size, self.rank, self.world_size)
+        rows = pack_epoch(self.lengths, order, self.seq_length, self.seed, epoch, self.world_size)
+        groups = micro_batches(np.arange(len(rows)), self.batch_size, self.rank, self.world_size)
+        return [[rows[r] for r in g] for g in groups]
+
+    def _collate(self, group) -> object:
+        if self.pack:
+            return collate_packed([[self.samples[int(j)] for j in row] for row in group], self.pad_id)
+        return collate_padded([self.samples[j] for j in group], self.pad_id)
 
     def __iter__(self):
         """Yield (epoch, [Batch, ...]) forever, starting at the current position."""
@@ -37,7 +96,7 @@ class StepLoader:
             for start in starts:
                 chunk = groups[start:start + self.accumulation]
                 self.step_in_epoch += 1
-                yield self.epoch, [collate_padded([self.samples[j] for j in g], self.pad_id) for g in chunk]
+                yield self.epoch, [self._collate(g) for g in chunk]
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

@@ -16,11 +16,21 @@ def load_tokenizer(cfg):
     if not os.path.isdir(path):
         raise ConfigError(f"tokenizer_path: {path}: not a directory")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.eos_token is not None:
+        set_eos_token(tok, cfg.eos_token)
     eos = resolve_eos_token(tok, cfg.model_type)
     if eos is None:
         raise ConfigError(f"tokenizer_path: {path}: the tokenizer has no eos_token")
     tok.eos_token = eos
     return tok
+
+
+def set_eos_token(tok, token: str) -> None:
+    """Use `eos_token` (one token of the vocabulary) as EOS, for the answers' end and for padding."""
+    token_id = tok.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tok.unk_token_id and token != tok.unk_token):
+        raise ConfigError(f"eos_token: {token!r} is not a token of the tokenizer's vocabulary")
+    tok.eos_token = token
 
 
 def load_model(cfg, vocab_size: int):
@@ -53,6 +63,25 @@ def decoder(model):
 
 def hidden_states(model, batch) -> torch.Tensor:
     """Final hidden states [B, L, H] of the batch; the LM head is applied inside the fused loss."""
-    out = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    mask = batch.attention_mask
+    if mask is None:
+        mask = packed_attention_mask(batch, model.config._attn_implementation, model.dtype)
+    out = decoder(model)(input_ids=batch.input_ids, attention_mask=mask,
                          position_ids=batch.position_ids, use_cache=False)
     return out.last_hidden_state
+
+
+def packed_attention_mask(batch, attn_implementation: str, dtype: torch.dtype):
+    """Block-diagonal causal mask [B, 1, L, L] from cu_seqlens, so that the stock sdpa/eager backends
+    keep each packed document (and each padding run) to itself: transformers passes a 4D mask
+    through unchanged. Correct but O(L^2) memory per row; a varlen backend needs no mask (None)."""
+    if attn_implementation not in ("sdpa", "eager"):
+        return None
+    B, L = batch.input_ids.shape
+    flat = torch.arange(B * L, device=batch.input_ids.device)
+    segment = torch.searchsorted(batch.cu_seqlens[1:].to(flat.device, torch.long), flat, right=True).view(B, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=flat.device).tril()
+    allowed = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    if attn_implementation == "sdpa":
+        return allowed  # boolean: True = may attend
+    return torch.zeros(allowed.shape, dtype=dtype, device=flat.device).masked_fill(~allowed, torch.finfo(dtype).min)

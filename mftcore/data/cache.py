@@ -1,0 +1,250 @@
+"""The tokenized-data cache: built once (`mftcore prepare`, or the first `train`), memory-mapped after.
+
+An entry is a directory `<cache_dir>/<digest>/` named by the hash of everything the tokens depend on
+(the cache key): each task directory with every *.jsonl file's relative path, size and mtime, the
+tokenizer (a hash of its full serialisation), role markers, EOS id, seq_length, long_sample_policy
+and skip_bad_samples. Any change gives a new digest, hence a new entry; old entries stay until
+deleted by hand. An entry holds
+    meta.json      the key, the task names and per-task counts (samples, truncated, dropped, skipped)
+    input_ids.bin  int32 token ids of all samples back to back (tasks in data_paths order)
+    loss_mask.bin  uint8, aligned with input_ids (1 = training target)
+    offsets.npy    int64 [N+1] sample boundaries in input_ids
+    task_ids.npy   int32 [N] task of each sample
+    sources.npy    int64 [N, 2] (file index in meta["files"], line) of each sample
+It is written under a temporary name and renamed when complete, so a reader never sees half of one
+and two concurrent builders cannot corrupt it. Under torchrun, local rank 0 builds and the other
+ranks wait for the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mftcore.data.encode import EncodeSpec, encode_job, encode_lines, init_worker, read_chunks
+from mftcore.errors import DataError
+
+FORMAT = 1  # bump when rendering or the layout changes: every old entry is then ignored
+MAX_SKIP_EXAMPLES = 3
+
+
+def task_names(paths: list) -> list:
+    """Directory basenames; a basename used twice gets its position appended ("code", "code_2")."""
+    names = []
+    for p in paths:
+        base = os.path.basename(os.path.normpath(p)) or "task"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def jsonl_files(path: str) -> list:
+    """Every *.jsonl below a task directory (sorted, recursive), or the path itself if it is a file.
+    Hidden files and directories are left out, as MFTCoder's glob("**/*.jsonl") leaves them out."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: data path does not exist")
+    if os.path.isfile(path):
+        return [path]
+    files = []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(root, n) for n in names if n.endswith(".jsonl") and not n.startswith(".")]
+    if not files:
+        raise DataError(f"{path}: no *.jsonl files in this task directory")
+    return sorted(files)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the tokenizer's ids (its full serialisation when it has one)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(repr(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg, tokenizer, eos_id: int) -> dict:
+    tasks = []
+    for path in cfg.data_paths:
+        files = []
+        for f in jsonl_files(path):
+            st = os.stat(f)
+            files.append([os.path.relpath(f, path) if f != path else os.path.basename(f), st.st_size, st.st_mtime_ns])
+        tasks.append({"path": os.path.abspath(path), "files": files})
+    return {"format": FORMAT, "tasks": tasks, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "markers": cfg.role_markers, "eos_id": int(eos_id), "seq_length": cfg.seq_length,
+            "long_sample_policy": cfg.long_sample_policy, "skip_bad_samples": cfg.skip_bad_samples}
+
+
+def default_cache_dir(cfg) -> str:
+    """`cache_dir`, else `mftcore_cache` next to output_dir (runs under one parent share it)."""
+    if cfg.cache_dir:
+        return cfg.cache_dir
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), "mftcore_cache")
+
+
+def entry_dir(cfg, key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(default_cache_dir(cfg), digest)
+
+
+def prepare_cache(cfg, tokenizer, eos_id: int, *, local_rank: int = 0, progress: bool = True,
+                  wait_timeout: float = 24 * 3600) -> tuple[str, bool]:
+    """The cache entry for this config: (directory, reused). Builds it when missing (local rank 0)."""
+    key = cache_key(cfg, tokenizer, eos_id)
+    path = entry_dir(cfg, key)
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path, True
+    if local_rank != 0:
+        wait_for(path, wait_timeout)
+        return path, True
+    build(path, key, cfg, tokenizer, eos_id, progress)
+    return path, False
+
+
+def wait_for(path: str, timeout: float) -> None:
+    """Another process (local rank 0) is building this entry; it appears at once when renamed."""
+    print(f"mftcore: waiting for local rank 0 to build the data cache {path}", file=sys.stderr)
+    deadline = time.monotonic() + timeout
+    while not os.path.isfile(os.path.join(path, "meta.json")):
+        if time.monotonic() > deadline:
+            raise DataError(f"{path}: the data cache did not appear within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def worker_count(cfg) -> int:
+    return cfg.tokenize_workers or min(8, os.cpu_count() or 1)
+
+
+def encoded_chunks(jobs, tokenizer, spec: EncodeSpec, workers: int):
+    """Encode (lines, first_line, tag) jobs, yielding (EncodedChunk, tag) in job order: in-process,
+    or in `workers` processes with a bounded number of chunks in flight, so that memory stays flat
+    however large the files are."""
+    if workers <= 1:
+        for lines, first, tag in jobs:
+            yield encode_lines(lines, first, tokenizer, spec), tag
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ctx.Pool(workers, initializer=init_worker, initargs=(tokenizer, spec)) as pool:
+        pending = deque()
+        for lines, first, tag in jobs:
+            pending.append((pool.apply_async(encode_job, ((lines, first),)), tag))
+            if len(pending) >= 4 * workers:
+                result, done = pending.popleft()
+                yield result.get(), done
+        while pending:
+            result, done = pending.popleft()
+            yield result.get(), done
+
+
+def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> None:
+    """Tokenize every task into a temporary directory, then rename it to `path`."""
+    spec = EncodeSpec(dict(cfg.role_markers), int(eos_id), cfg.seq_length, cfg.long_sample_policy)
+    files = [(t, f) for t, p in enumerate(cfg.data_paths) for f in jsonl_files(p)]
+    tasks = [{"name": n, "path": p, "samples": 0, "truncated": 0, "dropped": 0, "skipped": 0, "skip_examples": []}
+             for n, p in zip(task_names(cfg.data_paths), cfg.data_paths)]
+    jobs = ((lines, first, (fi, size)) for fi, (_, f) in enumerate(files) for lines, first, size in read_chunks(f))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+    try:
+        lengths, task_ids, sources = [], [], []
+        # On a terminal only (tqdm's disable=None), so that logs and error output stay one line each.
+        bar = tqdm(total=sum(os.path.getsize(f) for _, f in files), unit="B", unit_scale=True, desc="tokenize",
+                   disable=None if progress else True, file=sys.stderr, dynamic_ncols=True)
+        with bar, open(os.path.join(tmp, "input_ids.bin"), "wb") as f_ids, \
+                open(os.path.join(tmp, "loss_mask.bin"), "wb") as f_mask:
+            for chunk, (fi, nbytes) in encoded_chunks(jobs, tokenizer, spec, worker_count(cfg)):
+                t, file = files[fi]
+                task = tasks[t]
+                for line, reason in chunk.bad:
+                    if not cfg.skip_bad_samples:
+                        raise DataError(f"{file}:{line}: {reason}")
+                    task["skipped"] += 1
+                    if len(task["skip_examples"]) < MAX_SKIP_EXAMPLES:
+                        task["skip_examples"].append(f"{file}:{line}: {reason}")
+                chunk.ids.tofile(f_ids)
+                chunk.mask.tofile(f_mask)
+                lengths.append(chunk.lengths)
+                task_ids.append(np.full(len(chunk.lengths), t, dtype=np.int32))
+                sources.append(np.stack([np.full(len(chunk.lines), fi, dtype=np.int64), chunk.lines], axis=1))
+                task["samples"] += len(chunk.lengths)
+                task["truncated"] += chunk.truncated
+                task["dropped"] += chunk.dropped
+                bar.update(nbytes)
+        for task in tasks:
+            if task["samples"] == 0:
+                raise DataError(f"{task['path']}: the task has no samples"
+                                + (f" (all {task['skipped']} lines were bad)" if task["skipped"] else ""))
+        write_index(tmp, np.concatenate(lengths), np.concatenate(task_ids), np.concatenate(sources))
+        meta = {"format": FORMAT, "key": key, "files": [f for _, f in files], "tasks": tasks,
+                "num_samples": int(sum(t["samples"] for t in tasks))}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "meta.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same entry first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_index(directory: str, lengths: np.ndarray, task_ids: np.ndarray, sources: np.ndarray) -> None:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(os.path.join(directory, "offsets.npy"), offsets)
+    np.save(os.path.join(directory, "task_ids.npy"), task_ids)
+    np.save(os.path.join(directory, "sources.npy"), sources)
+
+
+class SampleStore:
+    """All samples of one cache entry, memory-mapped: store[i] reads only sample i's bytes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            self.meta = json.load(f)
+        self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+        self.task_ids = np.load(os.path.join(path, "task_ids.npy"), mmap_mode="r")
+        self.sources = np.load(os.path.join(path, "sources.npy"), mmap_mode="r")
+        n_tokens = int(self.offsets[-1])
+        self.ids = np.memmap(os.path.join(path, "input_ids.bin"), dtype=np.int32, mode="r", shape=(n_tokens,))
+        self.mask = np.memmap(os.path.join(path, "loss_mask.bin"), dtype=np.uint8, mode="r", shape=(n_tokens,))
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sample(self, i: int):
+        """(input_ids int64, loss_mask uint8, task_id) of sample i, copied out of the map."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return np.array(self.ids[a:b], dtype=np.int64), np.array(self.mask[a:b]), int(self.task_ids[i])
+
+    def task_range(self, task_id: int) -> tuple[int, int]:
+        """Samples of one task are contiguous: [start, end)."""
+        start = sum(t["samples"] for t in self.meta["tasks"][:task_id])
+        return start, start + self.meta["tasks"][task_id]["samples"]
+
+    def source(self, i: int) -> tuple[str, int]:
+        fi, line = self.sources[i]
+        return self.meta["files"][int(fi)], int(line)

@@ -1,0 +1,114 @@
+"""Raw JSONL lines -> token ids and loss masks: the work that `prepare` spreads over processes.
+
+A chunk is a run of lines of one file. Each line is decoded, parsed and rendered; the segment texts
+of the whole chunk are tokenized in one batched call (the same ids as one call per segment, which
+the tests check), then the long-sample policy is applied. Bad lines are returned with their line
+number and reason; the caller decides whether that stops the run or is counted and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mftcore.data.render import RenderError, encode_texts, join_pieces, render_record
+
+LONG_SAMPLE_POLICIES = ("truncate", "drop")
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """Everything the token ids depend on besides the data and the tokenizer (part of the cache key)."""
+
+    markers: dict
+    eos_id: int
+    seq_length: int
+    long_sample_policy: str = "truncate"
+
+
+@dataclass
+class EncodedChunk:
+    ids: np.ndarray  # int32, the kept samples back to back
+    mask: np.ndarray  # uint8, aligned with ids
+    lengths: np.ndarray  # int64, tokens per kept sample
+    lines: np.ndarray  # int64, source line of each kept sample
+    truncated: int = 0
+    dropped: int = 0
+    bad: list = field(default_factory=list)  # (line, reason) of each bad line
+
+
+def parse_line(raw: bytes):
+    """A JSON object from one raw line, or RenderError with the reason (invalid UTF-8, invalid JSON)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RenderError(f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(line.lstrip("\ufeff"))  # a byte-order mark, as editors on Windows write one
+    except json.JSONDecodeError as e:
+        raise RenderError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def encode_lines(lines: list, first_line: int, tokenizer, spec: EncodeSpec) -> EncodedChunk:
+    """Encode raw lines numbered first_line, first_line+1, ...; blank lines are ignored."""
+    rendered, bad = [], []
+    for k, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            rendered.append((first_line + k, render_record(parse_line(raw), spec.markers)))
+        except RenderError as e:
+            bad.append((first_line + k, str(e)))
+    texts = [seg.text for _, segments in rendered for seg in segments]
+    pieces = iter(encode_texts(tokenizer, texts))
+    ids, mask, lengths, kept_lines = [], [], [], []
+    truncated = dropped = 0
+    for line, segments in rendered:
+        s_ids, s_mask = join_pieces(segments, [next(pieces) for _ in segments], spec.eos_id)
+        if len(s_ids) > spec.seq_length:
+            if spec.long_sample_policy == "drop":
+                dropped += 1
+                continue
+            s_ids, s_mask, truncated = s_ids[:spec.seq_length], s_mask[:spec.seq_length], truncated + 1
+        ids.extend(s_ids)
+        mask.extend(s_mask)
+        lengths.append(len(s_ids))
+        kept_lines.append(line)
+    return EncodedChunk(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8),
+                        np.asarray(lengths, dtype=np.int64), np.asarray(kept_lines, dtype=np.int64),
+                        truncated, dropped, bad)
+
+
+# --- worker-process side: the tokenizer and spec are set once per process by the pool initializer ---
+_WORKER = {}
+
+
+def init_worker(tokenizer, spec: EncodeSpec) -> None:
+    # A forked child must not start the tokenizer's own thread pool (it may inherit a locked one);
+    # the processes are the parallelism here.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["tokenizer"], _WORKER["spec"] = tokenizer, spec
+
+
+def encode_job(job: tuple) -> EncodedChunk:
+    lines, first_line = job
+    return encode_lines(lines, first_line, _WORKER["tokenizer"], _WORKER["spec"])
+
+
+def read_chunks(path: str, max_lines: int = 512, max_bytes: int = 1 << 22):
+    """(lines, first_line, nbytes) runs of one file, in order; lines keep their raw bytes."""
+    with open(path, "rb") as f:
+        lines, first, size = [], 1, 0
+        for number, raw in enumerate(f, start=1):
+            if not lines:
+                first = number
+            lines.append(raw)
+            size += len(raw)
+            if len(lines) >= max_lines or size >= max_bytes:
+                yield lines, first, size
+                lines, size = [], 0
+        if lines:
+            yield lines, first, size
