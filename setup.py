@@ -57,7 +57,8 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1"]},
     entry_points={"console_scripts": ["mftcore=mftcore.cli:main"]},
     zip_safe=False,
 )
