@@ -172,8 +172,8 @@ def chunk_rows(n: int, h: int, v: int, itemsize: int, triton_path: bool, want_gr
     """Tokens per chunk: the chunk's temporaries stay under max(2*N*H*itemsize, CHUNK_BYTES_FLOOR)."""
     if triton_path:
         row_bytes = (v * itemsize if want_grad else 0) + 8 * triton.cdiv(v, 64) + 32
-    else:  # fp32 logits plus logsumexp's fp32 temporary (plus the 16-bit GEMM output)
-        row_bytes = v * (8 + (itemsize if itemsize < 4 else 0))
+    else:  # the fp32 logits buffer (plus the 16-bit GEMM output it is cast from)
+        row_bytes = v * (4 + (itemsize if itemsize < 4 else 0))
     budget = max(2 * n * h * itemsize * 7 // 8, CHUNK_BYTES_FLOOR)
     rows = max(1, budget // row_bytes)
     return min(n, rows if rows < 256 else rows // 256 * 256)  # whole 256-row tiles of kernel 1
@@ -277,6 +277,7 @@ def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path
             grad_w.addmm_(g.t(), h)
         if grad_b is not None:
             grad_b += g.sum(dim=0, dtype=torch.float32)
+        del g  # else the CPU path holds two chunks of logits while computing the next
     return ce, grad_h, grad_w, grad_b
 
 

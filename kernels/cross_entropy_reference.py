@@ -79,16 +79,19 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, task_ids=None, 
 
 def chunk_logits_grad_torch(hidden, weight, bias, labels, row_scale, want_grad: bool):
     """One token chunk on the CPU path: ce [C] fp32 and, if wanted, the logits gradient
-    row_scale * (softmax - onehot) [C, V] in hidden's dtype. At most two [C, V] fp32 buffers live at once.
+    row_scale * (softmax - onehot) [C, V] in hidden's dtype. Works in place on one [C, V] fp32 buffer.
     Rows whose label is not in [0, V) get a garbage ce; the caller masks them (their row_scale is 0).
     """
     logits = F.linear(hidden, weight, bias).float()
-    lse = torch.logsumexp(logits, dim=1)
     safe = labels.clamp(0, logits.shape[1] - 1).unsqueeze(1)
-    ce = lse - logits.gather(1, safe).squeeze(1)
+    target = logits.gather(1, safe).squeeze(1)
+    row_max = logits.amax(dim=1, keepdim=True)
+    exp = logits.sub_(row_max).exp_()
+    sum_exp = exp.sum(dim=1)
+    ce = row_max.squeeze(1) + sum_exp.log() - target
     if not want_grad:
         return ce, None
-    grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(row_scale.unsqueeze(1))
+    grad = exp.mul_((row_scale / sum_exp).unsqueeze(1))
     grad.scatter_add_(1, safe, -row_scale.unsqueeze(1))
     return ce, grad.to(hidden.dtype)
 

@@ -1,5 +1,8 @@
 """The README recipe: MFTLoss inside a plain HF Trainer (compute_loss override) on a tiny Llama."""
 
+import inspect
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ class MFTTrainer(Trainer):
         self.mft_loss = mft_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels, task_ids = inputs.pop("labels"), inputs.pop("task_ids")
+        labels, task_ids = inputs.pop("labels"), inputs.pop("task_ids")  # task_ids: [B] or [B, L]
         decoder = getattr(model, model.base_model_prefix)  # the model without its LM head
         hidden = decoder(**inputs).last_hidden_state
         labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # HF labels are unshifted: align with hidden
@@ -106,3 +109,9 @@ def test_trainer_trains_with_gradient_accumulation(tmp_path):
     # Trainer logs the mean of the step's micro-batch losses: our loss reached it, divided by GA once.
     assert logged[0] == pytest.approx((seen[0] + seen[1]) / 2, rel=1e-4)
     assert not torch.equal(model.lm_head.weight.detach(), head_before)
+
+
+def test_readme_recipe_is_this_class():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    body = inspect.getsource(MFTTrainer).split('"""', 2)[2].lstrip("\n")  # the class after its docstring
+    assert "class MFTTrainer(Trainer):" in readme and body in readme
