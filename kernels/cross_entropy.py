@@ -149,12 +149,15 @@ def logits_config_key(capability, dtype: torch.dtype, interpret: bool) -> str:
         return "interpret"
     if dtype == torch.float32:
         return "fp32"
-    return "sm90_16bit" if capability[0] >= 9 else "sm80_16bit"
+    # Hopper and datacenter Blackwell have 227 KB of shared memory per block; consumer Blackwell (sm_12x),
+    # Ada and Ampere parts with 99 KB take the 48 KB tiles of sm_80.
+    return "sm90_16bit" if capability[0] in (9, 10) else "sm80_16bit"
 
 
 def dot_precision(dtype: torch.dtype, interpret: bool) -> str:
     """fp32 inputs: IEEE unless torch itself allows TF32 matmuls; 16-bit inputs ignore it."""
-    if dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32:
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    if dtype == torch.float32 and not interpret and tf32:
         return "tf32"
     return "ieee"
 
@@ -255,6 +258,9 @@ def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path
     N, H = hidden.shape
     V = weight.shape[0]
     want_grad = any(want)
+    if torch.is_autocast_enabled(hidden.device.type):  # dtypes here are chosen, not autocast's
+        with torch.autocast(hidden.device.type, enabled=False):
+            return run_chunks(hidden, weight, bias, labels, row_scale, want, triton_path)
     rows = chunk_rows(N, H, V, hidden.element_size(), triton_path, want_grad)
     # Row stride padded to 64 elements: an unaligned stride (V=50257) makes kernel 1 spill 1 KB of
     # registers on sm_90 (tests/test_cross_entropy_compile.py) and slows cuBLAS on the strided G.
@@ -358,8 +364,8 @@ def fused_linear_cross_entropy(
     check_reduction(reduction, token_scale)
     K = num_tasks_of(task_ids, num_tasks, task_weights)
     hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    labels = labels.reshape(-1)
-    task_ids = None if task_ids is None else task_ids.reshape(-1)
+    labels = labels.reshape(-1).long()
+    task_ids = None if task_ids is None else task_ids.reshape(-1).long()
     # Autocast-style: a bf16 decoder and an fp32 head run in bf16; autograd casts the gradient back.
     weight = weight.to(hidden.dtype).contiguous()
     bias = None if bias is None else bias.to(hidden.dtype).contiguous()
@@ -395,8 +401,8 @@ def masked_cross_entropy(
     check_reduction(reduction, token_scale)
     K = num_tasks_of(task_ids, num_tasks, task_weights)
     logits = logits.reshape(-1, logits.shape[-1]).contiguous()
-    labels = labels.reshape(-1)
-    task_ids = None if task_ids is None else task_ids.reshape(-1)
+    labels = labels.reshape(-1).long()
+    task_ids = None if task_ids is None else task_ids.reshape(-1).long()
     scale, tasks, valid, counts = token_scales(labels, task_ids, K, reduction, task_weights, token_scale,
                                                ignore_index)
     loss, task_sum = MaskedCrossEntropyFunction.apply(logits, labels, tasks, valid, scale, K)

@@ -93,7 +93,8 @@ def test_token_scale_requires_sum():
 
 def run_peak_memory(impl, n, h, v):
     """Peak RSS of one forward+backward beyond the inputs, in a fresh process (bench/bench_cross_entropy.py)."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_cross_entropy.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", "bench_cross_entropy.py")
     proc = subprocess.run([sys.executable, script, "peak-memory", impl, str(n), str(h), str(v)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,3 +132,13 @@ def test_empty_batch_gives_zero_loss_and_zero_gradient():
     out = fused_linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), num_tasks=2)
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.task_token_count.tolist() == [0.0, 0.0] and h.grad.shape == (0, 3)
+
+
+def test_batched_shapes_and_int32_ids_equal_the_flat_call():
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 5, 6), torch.randn(11, 6)
+    labels, tasks = torch.randint(0, 11, (2, 5)), torch.randint(0, 3, (2, 5))
+    flat = fused_linear_cross_entropy(h.reshape(10, 6), w, labels.flatten(), tasks.flatten(), num_tasks=3)
+    shaped = fused_linear_cross_entropy(h, w, labels.int(), tasks.int(), num_tasks=3)
+    torch.testing.assert_close(shaped.loss, flat.loss)
+    torch.testing.assert_close(shaped.task_loss_sum, flat.task_loss_sum)

@@ -34,7 +34,8 @@ def make_samples(n=14, seed=0):
 
 def make_params(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(VOCAB, H, generator=g, dtype=torch.float64), torch.randn(VOCAB, H, generator=g, dtype=torch.float64)
+    emb = torch.randn(VOCAB, H, generator=g, dtype=torch.float64)
+    return emb, torch.randn(VOCAB, H, generator=g, dtype=torch.float64)
 
 
 def step_loss_and_grads(batches, mode, weights, params):
@@ -55,6 +56,10 @@ def oracle_loss(batch, mode, weights, params):
     """MFTCoder's definitions, sample by sample (documents of cu_seqlens), in float64."""
     emb, head = params
     logits = torch.tanh(emb[batch.input_ids]).flatten(0, 1) @ head.T
+    return oracle_from_logits(batch, logits, mode, weights)
+
+
+def oracle_from_logits(batch, logits, mode, weights):
     labels, tasks = batch.labels.flatten(), batch.task_ids.flatten()
     ce = masked_cross_entropy_reference(logits, labels, reduction="sum", token_scale=None)  # sanity of the op
     token_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
@@ -187,8 +192,36 @@ def test_config_accepts_the_modes_and_rejects_weights_they_ignore():
     base = {"data_paths": ["a", "b"], "tokenizer_path": "t", "model_config": {"model_type": "llama"}}
     for mode in MODES:
         assert TrainConfig.from_dict({**base, "weighted_loss_mode": mode}).weighted_loss_mode == mode
-    assert TrainConfig.from_dict({**base, "weighted_loss_mode": "case4", "task_weights": "[1,2]"}).task_weights == [1, 2]
+    weighted = TrainConfig.from_dict({**base, "weighted_loss_mode": "case4", "task_weights": "[1,2]"})
+    assert weighted.task_weights == [1, 2]
     with pytest.raises(ConfigError, match="task_weights: weighted_loss_mode case1 ignores"):
         TrainConfig.from_dict({**base, "weighted_loss_mode": "case1", "task_weights": [1, 2]})
     with pytest.raises(ConfigError, match="weighted_loss_mode"):
         TrainConfig.from_dict({**base, "weighted_loss_mode": "case5"})
+
+
+@pytest.mark.parametrize("mode,weights", [("case1", None), ("case2", None), ("case4", WEIGHTS)])
+def test_trainer_step_uses_the_configured_mode(mode, weights):
+    """mftcore.train.train_step over two micro-batches returns the mode's loss of the whole step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mftcore.train import train_step
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    samples = make_samples()
+    with torch.no_grad():
+        big = collate_padded(samples, 0)
+        logits = model(input_ids=big.input_ids, attention_mask=big.attention_mask,
+                       position_ids=big.position_ids).logits
+        want = oracle_from_logits(big, logits.double().flatten(0, 1), mode, weights)
+    cfg = TrainConfig.from_dict({"data_paths": ["a", "b", "c"], "tokenizer_path": "t",
+                                 "model_config": {"model_type": "llama"}, "weighted_loss_mode": mode,
+                                 "task_weights": None if weights is None else weights.tolist()})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    micro = [collate_padded(samples[:5], 0), collate_padded(samples[5:], 0)]
+    loss, _, counts, _ = train_step(model, micro, optimizer, scheduler, cfg, K, weights)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert counts.sum().item() == (big.labels != IGNORE_INDEX).sum().item()
