@@ -53,3 +53,10 @@ def test_config_sweep_restores_the_table():
     rows = bench.sweep_logits_configs((32, 16, 40), torch.float32, "cpu", wall_timer)
     assert len(rows) == len(bench.SWEEP_CANDIDATES) and all("ms" in r for r in rows)
     assert ce.LOGITS_CONFIGS == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it)")
+def test_gpu_correctness_bf16_fp16():
+    result = bench.gpu_correctness()
+    assert result["triton_path"] and result["ok"], [c for c in result["cases"] if not c["ok"]]
