@@ -1,4 +1,4 @@
-"""The cross-entropy op's reference: hand-computed values, reductions, and step normalisation."""
+"""The cross-entropy op on its CPU path: hand-computed values, reductions, step normalisation, memory, edge cases."""
 
 import json
 import math
