@@ -58,8 +58,9 @@ setup(
         "tqdm>=4.66",
         "peft>=0.17",
     ],
-    # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested).
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50"]},
+    # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested);
+    # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1"]},
     entry_points={"console_scripts": ["mftcore=mftcore.cli:main"]},
     zip_safe=False,
 )

@@ -70,9 +70,9 @@ class TrainConfig:
 
     # --- loss ---
     weighted_loss_mode: str = "case3"
-    """"case3": mean over tasks of each task's token-mean loss, weighted by task_weights."""
+    """case1 token mean, case2 mean of sample means, case3 task-weighted mean of task token means, case4 the same of sample means."""
     task_weights: Union[None, str, list] = None
-    """Per-task loss weights in data_paths order (a list or "[1,2]" string); null = all 1."""
+    """Per-task loss weights in data_paths order (a list or "[1,2]" string), for case3/case4; null = all 1."""
 
     # --- optimisation ---
     num_train_epochs: int = 4
@@ -196,6 +196,9 @@ class TrainConfig:
                 bad("task_weights", f"{len(self.task_weights)} weights for {len(self.data_paths)} data_paths")
             if any(w < 0 for w in self.task_weights) or sum(self.task_weights) <= 0:
                 bad("task_weights", "weights must be >= 0 and not all 0")
+            if self.weighted_loss_mode in ("case1", "case2"):
+                bad("task_weights", f"weighted_loss_mode {self.weighted_loss_mode} ignores task weights "
+                    "(MFTCoder applies them in case3/case4 only): remove them or choose case3/case4")
         if self.pretrained_model_path is None and self.model_config is None:
             bad("pretrained_model_path", "set pretrained_model_path or model_config")
         if self.pretrained_model_path is None and self.tokenizer_path is None:
@@ -205,7 +208,7 @@ class TrainConfig:
         choices = {
             "padding_mode": ("padding", "pack"),
             "long_sample_policy": ("truncate", "drop"),
-            "weighted_loss_mode": ("case3",),
+            "weighted_loss_mode": ("case1", "case2", "case3", "case4"),
             "lr_scheduler_type": ("cosine", "constant", "linear", "constant_with_warmup"),
             "attn_implementation": ("sdpa", "eager"),
             "tokenize_mode": ("sft",),

@@ -1,0 +1,62 @@
+"""The GPU benchmark's helpers, run on CPU with tiny shapes: what bench/gpu_check.py will call must work."""
+
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+
+from mftcore.kernels import cross_entropy as ce
+
+PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_cross_entropy.py")
+spec = importlib.util.spec_from_file_location("bench_cross_entropy", PATH)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def wall_timer(fn, grad_to_none):
+    for t in grad_to_none:
+        t.grad = None
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def test_effective_tflops_counts_8nhv():
+    n, h, v = bench.GOAL_SHAPE
+    assert bench.effective_tflops(n, h, v, 100.0) == pytest.approx(8 * n * h * v / 0.1 / 1e12)
+    assert bench.effective_tflops(n, h, v, 100.0) == pytest.approx(688.8, rel=1e-3)
+
+
+def test_eager_baseline_is_the_same_loss():
+    hidden, weight, _, labels, tasks = bench.make_inputs(50, 16, 70, torch.float64, "cpu")
+    assert bench.eager_loss(hidden, weight, labels, tasks).item() == pytest.approx(
+        bench.ours_loss(hidden, weight, labels, tasks).item(), rel=1e-6)
+
+
+def test_correctness_report_on_cpu():
+    result = bench.gpu_correctness("cpu", dtypes=(torch.bfloat16, torch.float16), cases=[(33, 48, 77, True)])
+    assert result["ok"] and len(result["cases"]) == 6 and not result["triton_path"]
+    assert {"loss_err", "grad_hidden_err", "grad_weight_err", "grad_bias_err"} <= set(result["cases"][0])
+
+
+def test_benchmark_report_on_cpu():
+    result = bench.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=wall_timer, peak=None,
+                                  sweep=False)
+    assert [r["impl"] for r in result["rows"]][:2] == ["mftcore", "eager"]
+    assert result["speedup_vs_eager"] > 0 and set(result["goals"]) >= {"tflops>=600"}
+
+
+def test_config_sweep_restores_the_table():
+    before = dict(ce.LOGITS_CONFIGS)
+    rows = bench.sweep_logits_configs((32, 16, 40), torch.float32, "cpu", wall_timer)
+    assert len(rows) == len(bench.SWEEP_CANDIDATES) and all("ms" in r for r in rows)
+    assert ce.LOGITS_CONFIGS == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py runs it)")
+def test_gpu_correctness_bf16_fp16():
+    result = bench.gpu_correctness()
+    assert result["triton_path"] and result["ok"], [c for c in result["cases"] if not c["ok"]]

@@ -1,0 +1,176 @@
+"""The cross-entropy op against a float64 oracle, on awkward shapes, every reduction, with and without bias.
+
+This module runs twice: in the normal suite (CPU tensors -> the chunked PyTorch path) and, through
+tests/test_cross_entropy_interpret.py, in a subprocess with TRITON_INTERPRET=1 (CPU tensors -> the
+Triton kernels in the interpreter). fp32 and fp16 only: the interpreter computes bf16 wrongly.
+"""
+
+import os
+
+import pytest
+import torch
+
+from mftcore.kernels import cross_entropy as ce
+from mftcore.kernels.cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+    masked_cross_entropy,
+    masked_cross_entropy_reference,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = [torch.float32, torch.float16]
+# (loss rtol, gradient and task-sum error as a fraction of the largest reference value)
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 6e-3)}
+# N, H, V, K: N=1; H and V not powers of two; V smaller than one vocabulary tile (32 in the interpreter);
+# K=1 and K=9 (tasks 4 and 8 get no tokens); chunks of 13 rows cut through kernel tiles.
+SHAPES = [(1, 5, 7, 1), (37, 20, 70, 9), (50, 33, 101, 3), (64, 48, 16, 2)]
+REDUCTIONS = ["token_mean", "task_mean", "sum"]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(ce, "chunk_rows", lambda *args: 13)
+
+
+def make_case(N, H, V, K, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed + 1000 * N + V)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 3).to(dtype)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.25] = -100
+    if N > 1:
+        labels[0] = -100
+        labels[1] = V - 1  # the last vocabulary column, at the edge of the last tile
+    tasks = torch.randint(0, K, (N,), generator=g)
+    if K == 9:
+        tasks[(tasks == 4) | (tasks == 8)] = 0
+    return hidden, weight, b, labels, tasks
+
+
+def reduction_kwargs(reduction, N, K):
+    if reduction == "task_mean":
+        return {"task_weights": torch.linspace(0.5, 2.0, K)}
+    if reduction == "sum":
+        return {"token_scale": torch.linspace(-0.5, 1.5, N)}
+    return {}
+
+
+def close(got, ref, frac):
+    err = (got.double() - ref).abs().max().item()
+    assert err <= frac * max(ref.abs().max().item(), 1e-6), (err, ref.abs().max().item())
+
+
+def run_both(hidden, weight, bias, labels, tasks, K, **kw):
+    """Our op in the case dtype, the oracle in float64 on the same values; returns both outputs and grads."""
+    ours_in = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    ref_in = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    out = fused_linear_cross_entropy(ours_in[0], ours_in[1], labels, tasks, bias=ours_in[2], num_tasks=K, **kw)
+    ref = fused_linear_cross_entropy_reference(ref_in[0], ref_in[1], labels, tasks, bias=ref_in[2],
+                                               num_tasks=K, **kw)
+    out.loss.backward()
+    ref.loss.backward()
+    return out, ref, ours_in, ref_in
+
+
+def test_dispatch_follows_the_interpreter_switch():
+    assert ce.interpreted() == INTERPRET
+    assert ce.uses_triton(torch.zeros(1)) == INTERPRET
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-V{}-K{}".format(*s))
+def test_fused_matches_float64_oracle(shape, reduction, dtype):
+    N, H, V, K = shape
+    bias = SHAPES.index(shape) % 2 == 0
+    hidden, weight, b, labels, tasks = make_case(N, H, V, K, dtype, bias)
+    out, ref, ours, refs = run_both(hidden, weight, b, labels, tasks, K, reduction=reduction,
+                                    **reduction_kwargs(reduction, N, K))
+    loss_rtol, frac = TOL[dtype]
+    assert out.loss.dtype == torch.float32 and out.task_loss_sum.dtype == torch.float32
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=loss_rtol, abs=1e-6)
+    close(out.task_loss_sum, ref.task_loss_sum, frac)
+    assert torch.equal(out.task_token_count, ref.task_token_count)
+    for got, want in zip(ours, refs):
+        if got is not None:
+            assert got.grad.dtype == got.dtype
+            close(got.grad, want.grad, frac)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_every_token_ignored(reduction, dtype):
+    hidden, weight, b, labels, tasks = make_case(9, 6, 11, 2, dtype, bias=True)
+    labels[:] = -100
+    out, ref, ours, _ = run_both(hidden, weight, b, labels, tasks, 2, reduction=reduction)
+    assert out.loss.item() == 0.0 and out.task_token_count.tolist() == [0.0, 0.0]
+    assert out.task_loss_sum.tolist() == [0.0, 0.0]
+    assert all(t.grad.abs().max().item() == 0 for t in ours)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_grad_and_frozen_head_paths(dtype):
+    """Evaluation (no logits stored) gives the training loss; a frozen head (LoRA) gets no gradient."""
+    hidden, weight, _, labels, tasks = make_case(40, 24, 90, 3, dtype, bias=False)
+    with torch.no_grad():
+        evaluated = fused_linear_cross_entropy(hidden, weight, labels, tasks, num_tasks=3)
+    h = hidden.clone().requires_grad_()
+    trained = fused_linear_cross_entropy(h, weight, labels, tasks, num_tasks=3)
+    trained.loss.backward()
+    assert evaluated.loss.item() == pytest.approx(trained.loss.item(), rel=1e-6)
+    assert torch.equal(evaluated.task_loss_sum, trained.task_loss_sum)
+    h64 = hidden.double().requires_grad_()
+    fused_linear_cross_entropy_reference(h64, weight.double(), labels, tasks, num_tasks=3).loss.backward()
+    close(h.grad, h64.grad, TOL[dtype][1])
+    assert weight.grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_micro_batches_sum_to_one_big_batch(dtype):
+    """With step-wide token scales and reduction="sum", split chunks add up to the whole batch."""
+    N, H, V, K = 45, 16, 50, 3
+    hidden, weight, _, labels, tasks = make_case(N, H, V, K, dtype, bias=False)
+    scale, *_ = ce.token_scales(labels, tasks, K, "task_mean")
+    w_big = weight.clone().requires_grad_()
+    big = fused_linear_cross_entropy(hidden, w_big, labels, tasks, num_tasks=K)
+    big.loss.backward()
+    w_mb = weight.clone().requires_grad_()
+    total = 0.0
+    for part in torch.tensor_split(torch.arange(N), [7, 8, 30]):
+        out = fused_linear_cross_entropy(hidden[part], w_mb, labels[part], tasks[part], num_tasks=K,
+                                         reduction="sum", token_scale=scale[part])
+        out.loss.backward()
+        total += out.loss.item()
+    assert total == pytest.approx(big.loss.item(), rel=TOL[dtype][0])
+    close(w_mb.grad, w_big.grad.double(), 4 * TOL[dtype][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_masked_matches_float64_oracle(reduction, dtype):
+    N, V, K = 29, 45, 4
+    _, _, _, labels, tasks = make_case(N, 3, V, K, dtype, bias=False)
+    logits = (torch.randn(N, V, dtype=torch.float64) * 3).to(dtype)
+    ours, ref = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    kw = reduction_kwargs(reduction, N, K)
+    out = masked_cross_entropy(ours, labels, tasks, num_tasks=K, reduction=reduction, **kw)
+    want = masked_cross_entropy_reference(ref, labels, tasks, num_tasks=K, reduction=reduction, **kw)
+    (2.5 * out.loss).backward()  # a non-unit upstream gradient reaches every logit
+    (2.5 * want.loss).backward()
+    assert out.loss.item() == pytest.approx(want.loss.item(), rel=TOL[dtype][0])
+    close(out.task_loss_sum, want.task_loss_sum, TOL[dtype][1])
+    close(ours.grad, ref.grad, TOL[dtype][1])
+
+
+def test_upstream_gradient_scales_every_gradient():
+    hidden, weight, b, labels, tasks = make_case(20, 8, 30, 2, torch.float32, bias=True)
+    grads = []
+    for factor in (1.0, -3.0):
+        ins = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        out = fused_linear_cross_entropy(ins[0], ins[1], labels, tasks, bias=ins[2], num_tasks=2)
+        (factor * out.loss).backward()
+        grads.append([t.grad for t in ins])
+    for one, three in zip(*grads):
+        torch.testing.assert_close(three, -3.0 * one, rtol=1e-5, atol=1e-7)
