@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 from mftcore.errors import ConfigError
 
+DYNAMIC_WEIGHTING_MODES = ("self-paced", "selfpaced", "coba")  # task weights from validation-loss slopes
 DEFAULT_ROLE_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
 
 
@@ -54,7 +55,7 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     """Attention backend passed to transformers: "sdpa" or "eager"."""
     peft_type: Optional[str] = None
-    """Null for full fine-tuning (LoRA/QLoRA arrive with the training-engine issue)."""
+    """Null for full fine-tuning, "lora", or "qlora" (LoRA on a 4-bit NormalFloat base)."""
     trust_remote_code: bool = False
     """Allow code shipped with a model directory to run. Off unless set."""
 
@@ -101,6 +102,54 @@ class TrainConfig:
     """Compute the per-task validation loss every this many optimizer steps (0 disables)."""
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
+
+    # --- training engine: adapters, precision, dynamic weighting, evaluation, checkpoints ---
+    quantization: Optional[str] = None
+    """MFTCoder compatibility: "4bit" with peft_type "qlora" (which implies it), else null."""
+    lora_rank: int = 96
+    """LoRA rank r."""
+    lora_alpha: float = 32
+    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: Union[None, str, list] = None
+    """Module names that get LoRA adapters (a list or "[a,b]"); null or "all-linear": every linear but the LM head."""
+    gradient_checkpointing: bool = True
+    """mftcore: recompute decoder layers in the backward pass (less memory, ~1/3 more compute)."""
+    mixed_precision: str = "auto"
+    """mftcore: matmul dtype "fp32", "bf16" or "fp16" (autocast; fp32 master weights); "auto" = bf16 on a GPU that has it, else fp32. Also QLoRA's compute dtype."""
+    router_aux_loss_coef: Optional[float] = None
+    """MoE (mixtral, qwen2_moe): weight of the router load-balancing loss; null = the model config's value, 0 = off."""
+    selfpaced_interval: int = 1
+    """self-paced: measure the validation losses every this many optimizer steps."""
+    selfpaced_history_length: int = 100
+    """self-paced: measurements the slopes are fitted over; weights are uniform until that many exist."""
+    selfpaced_sample_valid_num: int = 1
+    """self-paced: validation batches per measurement."""
+    selfpaced_scale_factor: float = 50
+    """self-paced: inverse temperature of the final softmax."""
+    coba_warmup_steps: int = 100
+    """CoBa: uniform weights before this optimizer step."""
+    coba_history_length: int = 200
+    """CoBa: measurements the slopes are fitted over (N in the paper)."""
+    coba_tau: float = 5
+    """CoBa: temperature of the divergence factor."""
+    coba_update_interval: int = 1
+    """CoBa: measure the validation losses (and update the weights) every this many optimizer steps."""
+    coba_sample_valid_num: int = 1
+    """CoBa: validation batches per measurement."""
+    early_stopping: bool = True
+    """Stop when the validation loss has not improved for early_stopping_stall_num evaluations."""
+    early_stopping_stall_num: int = 5
+    """Evaluations without a new best validation loss before early stopping."""
+    saving_limit: Optional[int] = None
+    """Keep at most this many step checkpoints (null: all); the best and the latest are always kept."""
+    resume_from_checkpoint: Optional[str] = None
+    """A checkpoint directory to continue from, or "auto" for the newest in output_dir (fresh if none)."""
+    max_consecutive_nonfinite: int = 5
+    """mftcore: steps with a non-finite loss or gradient are skipped; more than this many in a row stop the run."""
+    peak_tflops: Optional[float] = None
+    """mftcore: the accelerator's peak TFLOP/s for the MFU estimate (null: looked up for known GPUs in bf16/fp16)."""
 
     def __post_init__(self):
         self.role_markers = {**DEFAULT_ROLE_MARKERS, **(self.role_markers or {})}
@@ -171,11 +220,11 @@ class TrainConfig:
             "attn_implementation": ("sdpa", "eager"),
             "tokenize_mode": ("sft",),
         }
+        choices["weighted_loss_mode"] += DYNAMIC_WEIGHTING_MODES
+        choices["mixed_precision"] = ("auto", "fp32", "bf16", "fp16")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"{getattr(self, key)!r} is not supported (choose from {', '.join(allowed)})")
-        if self.peft_type is not None:
-            bad("peft_type", f"{self.peft_type!r} is not supported yet; only null (full fine-tuning)")
         if not self.load_raw_dataset:
             bad("load_raw_dataset", "only raw JSONL data is supported (true)")
         for key in ("seq_length", "num_train_epochs", "per_device_train_batch_size",
@@ -198,6 +247,35 @@ class TrainConfig:
         unknown = set(self.role_markers) - {"system", "user", "assistant"}
         if unknown:
             bad("role_markers", f"unknown keys {sorted(unknown)} (allowed: system, user, assistant)")
+        self.validate_engine(bad, source)
+
+    def validate_engine(self, bad, source: str) -> None:
+        """Adapters, weighting, evaluation and checkpoint keys."""
+        if self.peft_type not in (None, "lora", "qlora"):
+            bad("peft_type", f"{self.peft_type!r} is not supported (choose from null, lora, qlora)")
+        if self.quantization not in (None, "4bit"):
+            bad("quantization", f"{self.quantization!r} is not supported (null, or \"4bit\" with peft_type \"qlora\")")
+        if self.quantization == "4bit" and self.peft_type != "qlora":
+            bad("quantization", "\"4bit\" quantization trains through adapters: set peft_type to \"qlora\"")
+        if self.peft_type is not None and self.pretrained_model_path is None:
+            bad("peft_type", f"{self.peft_type} adapts a pretrained model: set pretrained_model_path")
+        if self.target_modules is not None and self.target_modules != "all-linear":
+            self.target_modules = parse_list(self.target_modules, "target_modules", source)
+        for key in ("lora_rank", "selfpaced_interval", "selfpaced_history_length", "selfpaced_sample_valid_num",
+                    "coba_history_length", "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("coba_warmup_steps", "max_consecutive_nonfinite"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, f"must be an integer >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        if self.saving_limit is not None and (not isinstance(self.saving_limit, int) or self.saving_limit < 1):
+            bad("saving_limit", f"must be a positive integer or null, got {self.saving_limit!r}")
+        if self.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and self.task_weights is not None:
+            bad("task_weights", f"weighted_loss_mode {self.weighted_loss_mode!r} computes the task weights itself")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            bad("peak_tflops", f"must be > 0 or null, got {self.peak_tflops!r}")
 
     def split_fractions(self, source: str = "config") -> tuple[float, float, float]:
         try:
