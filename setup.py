@@ -56,8 +56,11 @@ setup(
         "numpy>=1.24",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        "peft>=0.17",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    # bitsandbytes only for peft_type "qlora" (the GPU image lacks it; the CPU tests run a QLoRA step).
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.45"],
+                    "qlora": ["bitsandbytes>=0.45"]},
     entry_points={"console_scripts": ["mftcore=mftcore.cli:main"]},
     zip_safe=False,
 )
