@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -66,7 +67,7 @@ class Metrics:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for key, value in scalars.items():
-            if isinstance(value, (int, float)) and value is not None:
+            if isinstance(value, (int, float)):  # None (e.g. no MFU on CPU) stays out of TensorBoard
                 self.tb.add_scalar(f"{key}/{split}", value, step)
         for task, value in task_loss.items():
             self.tb.add_scalar(f"{task}_loss/{split}", value, step)
@@ -83,6 +84,35 @@ class Metrics:
             self.bar.close()
             self.tb.close()
             self.jsonl.close()
+
+
+class Window:
+    """What the steps since the last log line add up to: tokens, model FLOPs, per-task loss and tokens."""
+
+    def __init__(self, num_tasks: int, peak: float | None):
+        self.num_tasks, self.peak = num_tasks, peak
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.flops, self.t0 = 0, 0.0, time.perf_counter()
+        self.task_sum, self.task_count = torch.zeros(self.num_tasks), torch.zeros(self.num_tasks)
+
+    def add_step(self, tokens: int, flops: float) -> None:
+        self.tokens += tokens
+        self.flops += flops
+
+    def add_losses(self, task_sum: torch.Tensor, task_count: torch.Tensor) -> None:
+        self.task_sum += task_sum.float().cpu()
+        self.task_count += task_count.float().cpu()
+
+    def rates(self) -> dict:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        flops = self.flops / elapsed
+        return {"tokens_per_s": self.tokens / elapsed, "tflops": flops / 1e12,
+                "mfu": flops / self.peak if self.peak else None}
+
+    def task_losses(self) -> list:
+        return [float(s / c) if c > 0 else None for s, c in zip(self.task_sum.tolist(), self.task_count.tolist())]
 
 
 def keep_records_up_to(path: str, step: int) -> None:

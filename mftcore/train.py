@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -29,8 +28,8 @@ from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
 from mftcore.kernels import fused_linear_cross_entropy
 from mftcore.loss import step_token_scales
-from mftcore.metrics import (Metrics, attention_width, matmul_params, peak_flops, peak_memory_gb, step_flops,
-                             sum_squared_doc_lengths)
+from mftcore.metrics import (Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb,
+                             step_flops, sum_squared_doc_lengths)
 from mftcore.model import causal_lm, hidden_states, lm_head, load_tokenizer, run_decoder
 from mftcore.model.adapters import build_model, compute_dtype
 from mftcore.model.moe import moe_spec, router_aux_loss
@@ -83,7 +82,7 @@ class StepResult:
     task_sum: torch.Tensor  # [K] summed token cross-entropy
     counts: torch.Tensor  # [K] loss tokens
     grad_norm: torch.Tensor
-    aux_loss: torch.Tensor
+    aux_loss: Optional[torch.Tensor]  # the MoE load-balancing term (already times its coefficient)
     skipped: Optional[str]  # None, or why the update was skipped: "loss", "gradient", "fp16 overflow"
 
 
@@ -94,7 +93,7 @@ def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks
     mode = "case3" if cfg.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES else cfg.weighted_loss_mode
     scales, counts = step_token_scales(batches, mode, num_tasks, weights)
     loss = torch.zeros((), device=counts.device)
-    aux_total = torch.zeros((), device=counts.device)
+    aux_total = torch.zeros((), device=counts.device) if moe is not None else None
     task_sum = torch.zeros(num_tasks, device=counts.device)
     for b, scale in zip(batches, scales):
         with autocast():
@@ -115,7 +114,8 @@ def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks
         scaler.unscale_(optimizer)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    finite = torch.stack([torch.isfinite(loss + aux_total), torch.isfinite(grad_norm)]).tolist()  # one sync
+    total_loss = loss if aux_total is None else loss + aux_total
+    finite = torch.stack([torch.isfinite(total_loss), torch.isfinite(grad_norm)]).tolist()  # one sync
     skipped = None if all(finite) else ("loss" if not finite[0] else "fp16 overflow" if scaler else "gradient")
     if skipped is None and scaler is not None:
         scaler.step(optimizer)
@@ -171,10 +171,6 @@ def per_task(names, values) -> dict:
     return {n: v for n, v in zip(names, values) if v is not None}
 
 
-def task_means(task_sum, counts) -> list:
-    return [float(s / c) if c > 0 else None for s, c in zip(task_sum.tolist(), counts.tolist())]
-
-
 def train(cfg: TrainConfig) -> str:
     """Run training to the end; returns the directory of the final model (or adapter)."""
     rank, _ = process_rank()
@@ -226,15 +222,15 @@ def train(cfg: TrainConfig) -> str:
                                        num_tasks=K, device=device, autocast=autocast).task_losses())
 
     flop_params, attn = matmul_params(lm), attention_width(lm)
-    peak = peak_flops(device, dtype, cfg.peak_tflops)
-    window = {"tokens": 0, "flops": 0.0, "t0": time.perf_counter(), "sum": torch.zeros(K), "count": torch.zeros(K)}
+    window = Window(K, peak_flops(device, dtype, cfg.peak_tflops))
+    evaluate_valid = functools.partial(evaluate, model, data.valid, batch_size=cfg.per_device_eval_batch_size,
+                                       pad_id=pad_id, num_tasks=K, device=device, autocast=autocast)
     batches = iter(loader)
     with StopRequest() as stop:
         while state.step < total_steps and not state.early_stopped:
             epoch, micro = next(batches)
             tokens = sum(b.num_tokens for b in micro)  # counted on the host, before the copy
-            window["tokens"] += tokens
-            window["flops"] += step_flops(flop_params, attn, tokens, sum(sum_squared_doc_lengths(b) for b in micro))
+            window.add_step(tokens, step_flops(flop_params, attn, tokens, sum(map(sum_squared_doc_lengths, micro))))
             micro = [b.to(device) for b in micro]
             weights = static_weights if weighting is None else torch.tensor(weighting.weights(), device=device)
             lr = scheduler.get_last_lr()[0]
@@ -242,8 +238,7 @@ def train(cfg: TrainConfig) -> str:
                              autocast=autocast)
             state.step += 1
             step = state.step
-            window["sum"] += res.task_sum.float().cpu()
-            window["count"] += res.counts.float().cpu()
+            window.add_losses(res.task_sum, res.counts)
             diverged = count_skipped(res, state, cfg, metrics, step)
             metrics.advance({"loss": f"{float(res.loss):.4f}", "lr": f"{lr:.2e}"})
 
@@ -251,42 +246,10 @@ def train(cfg: TrainConfig) -> str:
                 measured = evaluate_batches(model, sampler.next_batches(samples_per_update), K, device, autocast)
                 weighting.observe(step, measured.task_losses())
             if step % cfg.log_interval == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window["t0"]
-                scalars = {"loss": float(res.loss), "lr": lr, "grad_norm": float(res.grad_norm), "epoch": epoch,
-                           "tokens_per_s": window["tokens"] / elapsed, "tflops": window["flops"] / elapsed / 1e12,
-                           "mfu": window["flops"] / elapsed / peak if peak else None,
-                           "memory_gb": peak_memory_gb(device), "skipped_steps": state.skipped_steps}
-                if moe is not None:
-                    scalars["aux_loss"] = float(res.aux_loss)
-                extra = {"task_tokens": per_task(names, window["count"].tolist())}
-                if weighting is not None:
-                    for key, value in weighting.log_values().items():
-                        if isinstance(value, list):
-                            extra[key] = per_task(names, value)
-                        else:
-                            scalars[key] = value
-                metrics.write(step, "train", scalars, per_task(names, task_means(window["sum"], window["count"])), extra)
-                window = {"tokens": 0, "flops": 0.0, "t0": time.perf_counter(), "sum": torch.zeros(K),
-                          "count": torch.zeros(K)}
-
+                log_train(metrics, step, epoch, lr, res, state, window, weighting, names, device)
             improved = False
             if cfg.evaluation_steps and data.valid and (step % cfg.evaluation_steps == 0 or step == total_steps):
-                result = evaluate(model, data.valid, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
-                                  num_tasks=K, device=device, autocast=autocast)
-                vloss = result.combined_loss(cfg.task_weights)
-                improved = state.best_loss is None or vloss < state.best_loss
-                if improved:
-                    state.best_loss, state.best_step, state.stall = vloss, step, 0
-                else:
-                    state.stall += 1
-                    state.early_stopped = cfg.early_stopping and state.stall >= cfg.early_stopping_stall_num
-                metrics.write(step, "valid", {"loss": vloss, "accuracy": result.accuracy()},
-                              per_task(names, result.task_losses()),
-                              {"task_accuracy": per_task(names, result.task_accuracy()),
-                               "task_tokens": per_task(names, result.task_count.tolist())})
-                if state.early_stopped:
-                    metrics.print(f"early stopping at step {step}: no better validation loss in {state.stall} "
-                                  f"evaluations (best {state.best_loss:.4f} at step {state.best_step})")
+                improved = log_evaluation(metrics, step, evaluate_valid(), state, cfg, names)
 
             periodic = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
             if periodic or step == total_steps or improved or state.early_stopped or stop.requested or diverged:
@@ -312,6 +275,42 @@ def train(cfg: TrainConfig) -> str:
     metrics.print(f"saved {final}")
     metrics.close()
     return final
+
+
+def log_train(metrics: Metrics, step: int, epoch: int, lr: float, res: StepResult, state: TrainerState,
+              window: Window, weighting, names, device) -> None:
+    """One train record: this step's loss, lr and gradient norm; loss and tokens per task, throughput
+    and MFU over the steps since the last record; the dynamic task weights."""
+    scalars = {"loss": float(res.loss), "lr": lr, "grad_norm": float(res.grad_norm), "epoch": epoch,
+               **window.rates(), "memory_gb": peak_memory_gb(device), "skipped_steps": state.skipped_steps}
+    if res.aux_loss is not None:
+        scalars["aux_loss"] = float(res.aux_loss)
+    extra = {"task_tokens": per_task(names, window.task_count.tolist())}
+    for key, value in (weighting.log_values() if weighting is not None else {}).items():
+        if isinstance(value, list):
+            extra[key] = per_task(names, value)
+        else:
+            scalars[key] = value
+    metrics.write(step, "train", scalars, per_task(names, window.task_losses()), extra)
+    window.reset()
+
+
+def log_evaluation(metrics: Metrics, step: int, result, state: TrainerState, cfg: TrainConfig, names) -> bool:
+    """Log a validation result and track the best loss and early stopping; True on a new best."""
+    vloss = result.combined_loss(cfg.task_weights)
+    improved = state.best_loss is None or vloss < state.best_loss
+    if improved:
+        state.best_loss, state.best_step, state.stall = vloss, step, 0
+    else:
+        state.stall += 1
+        state.early_stopped = cfg.early_stopping and state.stall >= cfg.early_stopping_stall_num
+    metrics.write(step, "valid", {"loss": vloss, "accuracy": result.accuracy()}, per_task(names, result.task_losses()),
+                  {"task_accuracy": per_task(names, result.task_accuracy()),
+                   "task_tokens": per_task(names, result.task_count.tolist())})
+    if state.early_stopped:
+        metrics.print(f"early stopping at step {step}: no better validation loss in {state.stall} evaluations "
+                      f"(best {state.best_loss:.4f} at step {state.best_step})")
+    return improved
 
 
 def count_skipped(res: StepResult, state: TrainerState, cfg: TrainConfig, metrics: Metrics, step: int) -> bool:

@@ -72,16 +72,19 @@ def test_qlora_quantizes_to_nf4_with_the_configured_compute_dtype_and_trains(tmp
     assert "adapter_model.safetensors" in os.listdir(final)
 
 
-def test_bf16_autocasts_the_matmuls_and_keeps_fp32_master_weights(tmp_path):
-    runs = {}
-    for precision in ("fp32", "bf16"):
+def test_half_precision_autocasts_the_matmuls_and_keeps_fp32_master_weights(tmp_path):
+    first_loss = {}
+    for precision in ("fp32", "bf16", "fp16"):
         cfg = engine_config(tmp_path / precision, mixed_precision=precision, max_train_steps=1,
                             per_device_train_batch_size=4)
         final = train(cfg)
-        runs[precision] = [r["loss"] for r in read_metrics(cfg.output_dir, "train")]
+        first_loss[precision] = read_metrics(cfg.output_dir, "train")[0]["loss"]
         assert all(t.dtype == torch.float32 for t in tensors(final).values())
-    assert runs["bf16"][0] != runs["fp32"][0]  # bf16 matmuls round differently...
-    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=2e-2)  # ...but compute the same thing
+        # fp16 steps through a loss scaler, whose scale is part of the checkpoint.
+        assert os.path.isfile(tmp_path / precision / "checkpoint-1" / "scaler.pt") == (precision == "fp16")
+    for half in ("bf16", "fp16"):
+        assert first_loss[half] != first_loss["fp32"]  # half-precision matmuls round differently...
+        assert first_loss[half] == pytest.approx(first_loss["fp32"], rel=1e-2)  # ...but compute the same thing
 
 
 @pytest.mark.parametrize("model_config", [
