@@ -215,16 +215,18 @@ def train(cfg: TrainConfig) -> str:
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics.print(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
                   f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {device}")
+    evaluate_valid = functools.partial(evaluate, model, data.valid, batch_size=cfg.per_device_eval_batch_size,
+                                       pad_id=pad_id, num_tasks=K, device=device, autocast=autocast)
     if resume_from:
         metrics.print(f"resumed from {resume_from} at step {state.step}")
+        if saved.get("total_steps") != total_steps:
+            metrics.print(f"note: {total_steps} steps in all, the checkpoint's run planned {saved.get('total_steps')}: "
+                          f"the learning-rate schedule from here differs from that run's")
     elif isinstance(weighting, CoBa):  # the loss ratios are relative to the losses before training
-        weighting.set_initial(evaluate(model, data.valid, batch_size=cfg.per_device_eval_batch_size, pad_id=pad_id,
-                                       num_tasks=K, device=device, autocast=autocast).task_losses())
+        weighting.set_initial(evaluate_valid().task_losses())
 
     flop_params, attn = matmul_params(lm), attention_width(lm)
     window = Window(K, peak_flops(device, dtype, cfg.peak_tflops))
-    evaluate_valid = functools.partial(evaluate, model, data.valid, batch_size=cfg.per_device_eval_batch_size,
-                                       pad_id=pad_id, num_tasks=K, device=device, autocast=autocast)
     batches = iter(loader)
     with StopRequest() as stop:
         while state.step < total_steps and not state.early_stopped:

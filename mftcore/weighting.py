@@ -83,21 +83,25 @@ class SelfPaced:
 
 
 class CoBa:
-    """CoBa (Gong et al., EMNLP 2024, arXiv 2410.06741), section 3, on validation losses normalised by
-    each task's initial validation loss (the "validation loss ratio").
+    """CoBa (Gong et al., EMNLP 2024, arXiv 2410.06741) on validation losses normalised by each task's
+    initial validation loss (the paper's "validation loss ratio").
 
     At a measurement t after warm-up, over the last N measurements (N = history_length):
-      alpha_i(t)  least-squares slope of task i's loss ratio against the step            (eq. 2)
-      RCS_i(t)  = softmax_i( K * alpha_i(t) / sum_j |alpha_j(t)| )                        (eq. 3)
-      ACS_i(t)  = softmax_i( -n * alpha_i(t) / sum_{s in last n slopes} |alpha_i(s)| )    (eq. 4)
-      alpha_max(t) = max_i alpha_i(t)
-      DF(t)     = min( m * softmax_s( -tau * m * alpha_max(s) / sum_s' |alpha_max(s')| )[t], 1 )
-                  over the m slope computations so far                                    (eq. 5)
-      w_i(t)    = DF(t) * RCS_i(t) + (1 - DF(t)) * ACS_i(t)                               (eq. 6)
+      convergence slope   alpha_i(t) = least-squares slope of task i's loss ratio against the step
+      RCS_i(t) = softmax_i( K * alpha_i(t) / sum_j |alpha_j(t)| )
+      ACS_i(t) = softmax_i( -n * alpha_i(t) / sum over its last n slopes s of |alpha_i(s)| )
+      DF(t)    = min( m * softmax_s( -tau * m * alpha_max(s) / sum_s' |alpha_max(s')| )[t], 1 ),
+                 alpha_max(s) = max_i alpha_i(s), over the m slope computations since warm-up
+      w_i(t)   = DF(t) * RCS_i(t) + (1 - DF(t)) * ACS_i(t)
     n and m are the numbers of slopes actually summed (the paper's N and t once enough history
-    exists), so each normalised score has mean magnitude 1 from the first computation on.
-    Uniform weights before `warmup_steps`. MFTCoder's code additionally sharpens the result with
-    softmax(K * w) and floors it at 1/(10K); that is not in the paper and not done here.
+    exists), so each normalised score has mean magnitude 1 from the first computation on. DF's
+    normaliser sums |alpha_max| (as MFTCoder's code does): a plain sum of slopes of mixed sign can
+    vanish or flip the sign of every logit. Slower
+    converging tasks gain weight through RCS; a task whose slope turns up against its own history
+    loses it through ACS; DF hands the weights from RCS to ACS when the largest slope rises.
+    Uniform weights before `warmup_steps`. MFTCoder's code also fits DF to the slope of the
+    per-step maximum loss rather than to max_i alpha_i, and sharpens the result with softmax(K * w)
+    floored at 1/(10K); neither is in the paper, neither is done here.
     """
 
     def __init__(self, num_tasks: int, *, warmup_steps: int = 100, history_length: int = 200, tau: float = 5.0):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import TINY_MODEL
 from engine_helpers import assert_bitwise_equal, engine_config, read_metrics, tensors, tiny_pretrained, write_config
@@ -109,6 +110,7 @@ def test_checkpoint_holds_everything_and_loads_without_unpickling_code(tmp_path)
             "trainer_state.json"} <= set(os.listdir(ckpt))
     for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
         torch.load(ckpt / name, weights_only=True)
+    AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)  # a plain HF model directory
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["data"] == {"epoch": 0, "step_in_epoch": 2}
     assert state["weighted_loss_mode"] == "self-paced" and len(state["loss_mode"]["steps"]) == 2
