@@ -30,9 +30,6 @@ class EvalResult:
         """Token-mean loss per task; None for a task with no tokens here."""
         return [float(s / c) if c > 0 else None for s, c in zip(self.task_loss_sum.tolist(), self.task_count.tolist())]
 
-    def per_task(self, names, values) -> dict:
-        return {n: v for n, v in zip(names, values) if v is not None}
-
     def task_accuracy(self) -> list:
         return [float(r / c) if c > 0 else None for r, c in zip(self.task_correct.tolist(), self.task_count.tolist())]
 

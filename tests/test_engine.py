@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_MODEL
 from engine_helpers import engine_config, read_metrics, save_tiny_pretrained, tensors, tiny_pretrained
+from mftcore import evaluate as evaluate_module
 from mftcore import train as train_module
 from mftcore.data import collate_padded, load_tasks
 from mftcore.errors import ConfigError, TrainingError
@@ -122,7 +123,8 @@ def test_moe_training_adds_the_aux_loss(tmp_path):
     assert rec["aux_loss"] > 0.1  # 0.1 x a load-balancing loss that is about top_k = 2 near balance
 
 
-def test_evaluation_accuracy_early_stopping_and_best_kept(tmp_path):
+def test_evaluation_accuracy_early_stopping_and_best_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "LOGIT_CHUNK_ELEMENTS", 3000)  # accuracy from 3-row logit chunks
     # lr 0: the weights never change, so no evaluation after the first improves: stall 1, 2 -> stop at 3.
     cfg = engine_config(tmp_path / "out", learning_rate=0.0, min_lr=0.0, max_train_steps=10, evaluation_steps=1,
                         checkpointing_steps=1, early_stopping_stall_num=2, saving_limit=1)
