@@ -160,16 +160,18 @@ def resolve_resume(cfg):
     """The checkpoint directory to continue from, or None for a fresh run.
 
     resume_from_checkpoint: a checkpoint directory, or "auto" for the newest in output_dir (a fresh
-    run when there is none). A fresh run refuses an output_dir that already holds checkpoints: "auto"
-    would later pick a stale one of the earlier run.
+    run when there is none); null means "auto" when auto_resume is true (MFTCoder's default). A fresh
+    run refuses an output_dir that already holds checkpoints: "auto" would later pick a stale one.
     """
     value = cfg.resume_from_checkpoint
+    if value is None and cfg.auto_resume:
+        value = "auto"
     existing = list_checkpoints(cfg.output_dir)
     if value is None:
         if existing:
             raise ConfigError(f"output_dir: {cfg.output_dir} already holds {os.path.basename(existing[-1][1])} "
-                              f"of an earlier run; set resume_from_checkpoint=\"auto\" to continue it, or use "
-                              f"another output_dir")
+                              f"of an earlier run and auto_resume is false; set resume_from_checkpoint=\"auto\" "
+                              f"to continue it, or use another output_dir")
         return None
     if value == "auto":
         return existing[-1][1] if existing else None

@@ -65,44 +65,6 @@ class TrainConfig:
     task_weights: Union[None, str, list] = None
     """Per-task loss weights in data_paths order (a list or "[1,2]" string); null = all 1."""
 
-    # --- optimisation ---
-    num_train_epochs: int = 4
-    """Passes over the training data."""
-    max_train_steps: Optional[int] = None
-    """Stop after this many optimizer steps (overrides num_train_epochs when set)."""
-    per_device_train_batch_size: int = 8
-    """Samples per micro-batch on each process."""
-    per_device_eval_batch_size: int = 8
-    """Samples per evaluation batch on each process."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step; the loss is normalised over all of them."""
-    learning_rate: float = 5e-5
-    """Peak learning rate (AdamW)."""
-    min_lr: float = 5e-6
-    """Learning rate at the end of the cosine decay."""
-    weight_decay: float = 0.01
-    """AdamW weight decay, not applied to biases and norm weights."""
-    adam_beta1: float = 0.9
-    """mftcore: AdamW beta1."""
-    adam_beta2: float = 0.95
-    """mftcore: AdamW beta2."""
-    max_grad_norm: float = 1.0
-    """mftcore: clip the global gradient norm to this (0 disables)."""
-    lr_scheduler_type: str = "cosine"
-    """"cosine" (to min_lr) or "constant", both after linear warmup."""
-    num_warmup_steps: Union[int, float] = 0.05
-    """Warmup length in optimizer steps (int) or as a fraction of all steps (float < 1)."""
-    seed: int = 1234
-    """Seed for model init, shuffling and dropout."""
-
-    # --- logging and saving ---
-    log_interval: int = 10
-    """Log every this many optimizer steps (metrics.jsonl, TensorBoard, progress bar)."""
-    evaluation_steps: int = 100
-    """Compute the per-task validation loss every this many optimizer steps (0 disables)."""
-    checkpointing_steps: int = 100
-    """Save a checkpoint every this many optimizer steps (and always at the end)."""
-
     # --- training engine: adapters, precision, dynamic weighting, evaluation, checkpoints ---
     quantization: Optional[str] = None
     """MFTCoder compatibility: "4bit" with peft_type "qlora" (which implies it), else null."""
@@ -146,10 +108,50 @@ class TrainConfig:
     """Keep at most this many step checkpoints (null: all); the best and the latest are always kept."""
     resume_from_checkpoint: Optional[str] = None
     """A checkpoint directory to continue from, or "auto" for the newest in output_dir (fresh if none)."""
+    auto_resume: bool = True
+    """With resume_from_checkpoint null: continue from output_dir's newest checkpoint if any (false: a fresh run, which refuses an output_dir holding checkpoints)."""
     max_consecutive_nonfinite: int = 5
     """mftcore: steps with a non-finite loss or gradient are skipped; more than this many in a row stop the run."""
     peak_tflops: Optional[float] = None
     """mftcore: the accelerator's peak TFLOP/s for the MFU estimate (null: looked up for known GPUs in bf16/fp16)."""
+
+    # --- optimisation ---
+    num_train_epochs: int = 4
+    """Passes over the training data."""
+    max_train_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides num_train_epochs when set)."""
+    per_device_train_batch_size: int = 8
+    """Samples per micro-batch on each process."""
+    per_device_eval_batch_size: int = 8
+    """Samples per evaluation batch on each process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; the loss is normalised over all of them."""
+    learning_rate: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 5e-6
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, not applied to biases and norm weights."""
+    adam_beta1: float = 0.9
+    """mftcore: AdamW beta1."""
+    adam_beta2: float = 0.95
+    """mftcore: AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """mftcore: clip the global gradient norm to this (0 disables)."""
+    lr_scheduler_type: str = "cosine"
+    """"cosine" (to min_lr) or "constant", both after linear warmup."""
+    num_warmup_steps: Union[int, float] = 0.05
+    """Warmup length in optimizer steps (int) or as a fraction of all steps (float < 1)."""
+    seed: int = 1234
+    """Seed for model init, shuffling and dropout."""
+
+    # --- logging and saving ---
+    log_interval: int = 10
+    """Log every this many optimizer steps (metrics.jsonl, TensorBoard, progress bar)."""
+    evaluation_steps: int = 100
+    """Compute the per-task validation loss every this many optimizer steps (0 disables)."""
+    checkpointing_steps: int = 100
+    """Save a checkpoint every this many optimizer steps (and always at the end)."""
 
     def __post_init__(self):
         self.role_markers = {**DEFAULT_ROLE_MARKERS, **(self.role_markers or {})}
@@ -188,6 +190,34 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate_engine(self, bad, source: str) -> None:
+        """Adapters, weighting, evaluation and checkpoint keys."""
+        if self.peft_type not in (None, "lora", "qlora"):
+            bad("peft_type", f"{self.peft_type!r} is not supported (choose from null, lora, qlora)")
+        if self.quantization not in (None, "4bit"):
+            bad("quantization", f"{self.quantization!r} is not supported (null, or \"4bit\" with peft_type \"qlora\")")
+        if self.quantization == "4bit" and self.peft_type != "qlora":
+            bad("quantization", "\"4bit\" quantization trains through adapters: set peft_type to \"qlora\"")
+        if self.peft_type is not None and self.pretrained_model_path is None:
+            bad("peft_type", f"{self.peft_type} adapts a pretrained model: set pretrained_model_path")
+        if self.target_modules is not None and self.target_modules != "all-linear":
+            self.target_modules = parse_list(self.target_modules, "target_modules", source)
+        for key in ("lora_rank", "selfpaced_interval", "selfpaced_history_length", "selfpaced_sample_valid_num",
+                    "coba_history_length", "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("coba_warmup_steps", "max_consecutive_nonfinite"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, f"must be an integer >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        if self.saving_limit is not None and (not isinstance(self.saving_limit, int) or self.saving_limit < 1):
+            bad("saving_limit", f"must be a positive integer or null, got {self.saving_limit!r}")
+        if self.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and self.task_weights is not None:
+            bad("task_weights", f"weighted_loss_mode {self.weighted_loss_mode!r} computes the task weights itself")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            bad("peak_tflops", f"must be > 0 or null, got {self.peak_tflops!r}")
 
     # --- validation ---
     def validate(self, source: str = "config") -> None:
@@ -241,41 +271,13 @@ class TrainConfig:
         if self.num_warmup_steps < 0 or (isinstance(self.num_warmup_steps, float) and self.num_warmup_steps >= 1):
             bad("num_warmup_steps", "an int >= 0 (steps) or a float in [0, 1) (fraction of all steps)")
         self.split_fractions(source)
+        self.validate_engine(bad, source)
         for key in ("system", "user", "assistant"):
             if not isinstance(self.role_markers.get(key), str):
                 bad("role_markers", f"{key!r} must be a string")
         unknown = set(self.role_markers) - {"system", "user", "assistant"}
         if unknown:
             bad("role_markers", f"unknown keys {sorted(unknown)} (allowed: system, user, assistant)")
-        self.validate_engine(bad, source)
-
-    def validate_engine(self, bad, source: str) -> None:
-        """Adapters, weighting, evaluation and checkpoint keys."""
-        if self.peft_type not in (None, "lora", "qlora"):
-            bad("peft_type", f"{self.peft_type!r} is not supported (choose from null, lora, qlora)")
-        if self.quantization not in (None, "4bit"):
-            bad("quantization", f"{self.quantization!r} is not supported (null, or \"4bit\" with peft_type \"qlora\")")
-        if self.quantization == "4bit" and self.peft_type != "qlora":
-            bad("quantization", "\"4bit\" quantization trains through adapters: set peft_type to \"qlora\"")
-        if self.peft_type is not None and self.pretrained_model_path is None:
-            bad("peft_type", f"{self.peft_type} adapts a pretrained model: set pretrained_model_path")
-        if self.target_modules is not None and self.target_modules != "all-linear":
-            self.target_modules = parse_list(self.target_modules, "target_modules", source)
-        for key in ("lora_rank", "selfpaced_interval", "selfpaced_history_length", "selfpaced_sample_valid_num",
-                    "coba_history_length", "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("coba_warmup_steps", "max_consecutive_nonfinite"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                bad(key, f"must be an integer >= 0, got {getattr(self, key)!r}")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
-        if self.saving_limit is not None and (not isinstance(self.saving_limit, int) or self.saving_limit < 1):
-            bad("saving_limit", f"must be a positive integer or null, got {self.saving_limit!r}")
-        if self.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and self.task_weights is not None:
-            bad("task_weights", f"weighted_loss_mode {self.weighted_loss_mode!r} computes the task weights itself")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            bad("peak_tflops", f"must be > 0 or null, got {self.peak_tflops!r}")
 
     def split_fractions(self, source: str = "config") -> tuple[float, float, float]:
         try:

@@ -133,8 +133,12 @@ def test_resume_choices(tmp_path):
     out = tmp_path / "out"
     assert checkpoint.resolve_resume(engine_config(out, resume_from_checkpoint="auto")) is None  # fresh
     train(engine_config(out, max_train_steps=1))
-    with pytest.raises(ConfigError, match="output_dir: .* already holds checkpoint-1 .* resume_from_checkpoint"):
-        train(engine_config(out, max_train_steps=1))
+    with pytest.raises(ConfigError, match="output_dir: .* already holds checkpoint-1 .* auto_resume is false"):
+        train(engine_config(out, max_train_steps=1, auto_resume=False))
+    # MFTCoder's default, auto_resume: a restarted job continues from the newest checkpoint.
+    assert checkpoint.resolve_resume(engine_config(out)) == str(out / "checkpoint-1")
+    train(engine_config(out, max_train_steps=2))
+    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2]
     with pytest.raises(ConfigError, match="resume_from_checkpoint: .*nowhere: not a checkpoint"):
         checkpoint.resolve_resume(engine_config(out, resume_from_checkpoint=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match="weighted_loss_mode: .* was trained with 'case3'"):

@@ -33,7 +33,7 @@ def quantization_config(cfg, dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401  (transformers needs it; say so in our words)
     except ImportError:
-        raise ConfigError("peft_type: \"qlora\" needs bitsandbytes (pip install 'mftcore[qlora]')") from None
+        raise ConfigError("peft_type: \"qlora\" needs bitsandbytes (pip install bitsandbytes)") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
