@@ -85,6 +85,9 @@ class StepResult:
     aux_loss: Optional[torch.Tensor]  # the MoE load-balancing term (already times its coefficient)
     skipped: Optional[str]  # None, or why the update was skipped: "loss", "gradient", "fp16 overflow"
 
+    def __iter__(self):  # unpacks as train_step's earlier result: loss, task_sum, counts, grad_norm
+        return iter((self.loss, self.task_sum, self.counts, self.grad_norm))
+
 
 def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks: int, weights, *,
                scaler=None, moe=None, autocast=contextlib.nullcontext) -> StepResult:
