@@ -60,7 +60,10 @@ setup(
     ],
     # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested);
     # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1"],
+        "qlora": ["bitsandbytes>=0.50"],
+    },
     entry_points={"console_scripts": ["mftcore=mftcore.cli:main"]},
     zip_safe=False,
 )

@@ -1,14 +1,34 @@
-"""Checkpoints and the final model, written to a temporary directory and renamed when complete."""
+"""Checkpoints and the final model, written to a temporary directory and renamed when complete.
+
+checkpoint-{step}/ holds everything a run needs to continue exactly as if it had never stopped:
+  model.safetensors + config.json      full fine-tuning (plain `from_pretrained` loads it), or
+  adapter_model.safetensors + adapter_config.json   LoRA/QLoRA (plain `PeftModel.from_pretrained`)
+  optimizer.pt, scheduler.pt, [scaler.pt]   torch state dicts (tensors and numbers only)
+  rng_state_{rank}.pt                  python, numpy, torch CPU and CUDA generator states
+  trainer_state.json                   step, data position, loss-mode state, best/stall, counters
+Everything is read back with safetensors or torch.load(weights_only=True): loading a checkpoint never
+unpickles code. Directories only ever appear complete (atomic rename), so the newest one is usable
+even after a SIGKILL in the middle of a save.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import random
+import re
 import shutil
 import uuid
 
+import numpy as np
 import torch
+
+from mftcore.errors import ConfigError
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
 
 
 @contextlib.contextmanager
@@ -32,21 +52,67 @@ def atomic_dir(path: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict) -> str:
-    """checkpoint-{step}/: the model (HF safetensors), optimizer, scheduler and trainer state as JSON."""
+def remove_dir(path: str) -> None:
+    """Rename out of the checkpoint namespace first, so that a kill mid-delete leaves no half checkpoint."""
+    doomed = os.path.join(os.path.dirname(path), f".del-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(output_dir: str) -> None:
+    """Temporary directories of saves or deletes that a killed run did not finish."""
+    for pattern in (".tmp-*", ".old-*", ".del-*"):
+        for path in glob.glob(os.path.join(output_dir, pattern)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --- RNG ---------------------------------------------------------------------------------------
+
+def capture_rng() -> dict:
+    """Every generator a step can draw from, as tensors and plain numbers (weights_only-loadable)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- save --------------------------------------------------------------------------------------
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, *, scaler=None,
+                    rank: int = 0) -> str:
+    """checkpoint-{step}/ as described in the module docstring."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": step, **state}, f, indent=2)
+        if scaler is not None:
+            torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        torch.save(capture_rng(), os.path.join(tmp, f"rng_state_{rank}.pt"))
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"step": step, **state}, f, indent=1)
     return path
 
 
 def save_final(output_dir: str, model, tokenizer, config: dict) -> str:
-    """final/: an HF model directory (safetensors) with the tokenizer and the training config, so that
-    `mftcore generate` knows the role markers it was trained with."""
+    """final/: an HF model (or PEFT adapter) directory with the tokenizer and the training config, so
+    that `mftcore generate` knows the role markers it was trained with."""
     path = os.path.join(output_dir, "final")
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -54,3 +120,120 @@ def save_final(output_dir: str, model, tokenizer, config: dict) -> str:
         with open(os.path.join(tmp, "mftcore_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
     return path
+
+
+# --- find, prune -------------------------------------------------------------------------------
+
+def list_checkpoints(output_dir: str) -> list:
+    """[(step, path)] of the complete checkpoints in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CHECKPOINT_DIR.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: str, limit, keep_steps) -> list:
+    """Delete the oldest checkpoints beyond `limit`, never one whose step is in keep_steps (the best
+    and the latest). Returns the deleted paths."""
+    if not limit:
+        return []
+    newest_first = list(reversed(list_checkpoints(output_dir)))
+    kept = [s for s, _ in newest_first if s in keep_steps]
+    removed = []
+    for step, path in newest_first:
+        if step in keep_steps:
+            continue
+        if len(kept) < limit:
+            kept.append(step)
+        else:
+            remove_dir(path)
+            removed.append(path)
+    return removed
+
+
+def resolve_resume(cfg):
+    """The checkpoint directory to continue from, or None for a fresh run.
+
+    resume_from_checkpoint: a checkpoint directory, or "auto" for the newest in output_dir (a fresh
+    run when there is none); null means "auto" when auto_resume is true (MFTCoder's default). A fresh
+    run refuses an output_dir that already holds checkpoints: "auto" would later pick a stale one.
+    """
+    value = cfg.resume_from_checkpoint
+    if value is None and cfg.auto_resume:
+        value = "auto"
+    existing = list_checkpoints(cfg.output_dir)
+    if value is None:
+        if existing:
+            raise ConfigError(f"output_dir: {cfg.output_dir} already holds {os.path.basename(existing[-1][1])} "
+                              f"of an earlier run and auto_resume is false; set resume_from_checkpoint=\"auto\" "
+                              f"to continue it, or use another output_dir")
+        return None
+    if value == "auto":
+        return existing[-1][1] if existing else None
+    if not os.path.isfile(os.path.join(value, STATE_FILE)):
+        raise ConfigError(f"resume_from_checkpoint: {value}: not a checkpoint directory (no {STATE_FILE})")
+    return value
+
+
+# --- load --------------------------------------------------------------------------------------
+
+def read_safetensors(path: str, stem: str) -> dict:
+    """{name: tensor} of `stem`.safetensors, or of all shards listed by `stem`.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, f"{stem}.safetensors")
+    if os.path.isfile(single):
+        return load_file(single)
+    index = single + ".index.json"
+    if not os.path.isfile(index):
+        raise ConfigError(f"resume_from_checkpoint: {path}: no {stem}.safetensors")
+    with open(index, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(path, shard)))
+    return state
+
+
+def load_model_weights(path: str, model) -> None:
+    """The checkpoint's weights into `model` (adapter weights for a PeftModel), in place."""
+    from mftcore.model.adapters import is_adapter_model
+
+    if is_adapter_model(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, read_safetensors(path, "adapter_model"))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+    else:
+        result = model.load_state_dict(read_safetensors(path, "model"), strict=False)
+        # Tied weights (lm_head = embed_tokens) are saved once; they come back through their twin.
+        own = model.state_dict()
+        loaded_ptrs = {own[k].data_ptr() for k in own if k not in set(result.missing_keys)}
+        missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if missing:
+        raise ConfigError(f"resume_from_checkpoint: {path}: the checkpoint lacks {missing[:3]} "
+                          f"(was it saved from another model or peft_type?)")
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, *, scaler=None, rank: int = 0) -> dict:
+    """Restore model, optimizer, scheduler (and scaler) from `path`; returns its trainer state. The RNG
+    states are restored last, by `restore_checkpoint_rng`, once nothing else will draw from them."""
+    load_model_weights(path, model)
+    device = next(model.parameters()).device
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    if scaler is not None:
+        scaler_file = os.path.join(path, "scaler.pt")
+        if os.path.isfile(scaler_file):
+            scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def restore_checkpoint_rng(path: str, rank: int = 0) -> None:
+    restore_rng(torch.load(os.path.join(path, f"rng_state_{rank}.pt"), weights_only=True))

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"mftcore: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

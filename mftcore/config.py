@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 from mftcore.errors import ConfigError
 
+DYNAMIC_WEIGHTING_MODES = ("self-paced", "selfpaced", "coba")  # task weights from validation-loss slopes
 DEFAULT_ROLE_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
 
 
@@ -64,7 +65,7 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     """Attention backend passed to transformers: "sdpa" or "eager"."""
     peft_type: Optional[str] = None
-    """Null for full fine-tuning (LoRA/QLoRA arrive with the training-engine issue)."""
+    """Null for full fine-tuning, "lora", or "qlora" (LoRA on a 4-bit NormalFloat base)."""
     trust_remote_code: bool = False
     """Allow code shipped with a model directory to run. Off unless set."""
 
@@ -73,6 +74,56 @@ class TrainConfig:
     """case1 token mean, case2 mean of sample means, case3 task-weighted mean of task token means, case4 the same of sample means."""
     task_weights: Union[None, str, list] = None
     """Per-task loss weights in data_paths order (a list or "[1,2]" string), for case3/case4; null = all 1."""
+
+    # --- training engine: adapters, precision, dynamic weighting, evaluation, checkpoints ---
+    quantization: Optional[str] = None
+    """MFTCoder compatibility: "4bit" with peft_type "qlora" (which implies it), else null."""
+    lora_rank: int = 96
+    """LoRA rank r."""
+    lora_alpha: float = 32
+    """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: Union[None, str, list] = None
+    """Module names that get LoRA adapters (a list or "[a,b]"); null or "all-linear": every linear but the LM head."""
+    gradient_checkpointing: bool = True
+    """mftcore: recompute decoder layers in the backward pass (less memory, ~1/3 more compute)."""
+    mixed_precision: str = "auto"
+    """mftcore: matmul dtype "fp32", "bf16" or "fp16" (autocast; fp32 master weights); "auto" = bf16 on a GPU that has it, else fp32. Also QLoRA's compute dtype."""
+    router_aux_loss_coef: Optional[float] = None
+    """MoE (mixtral, qwen2_moe): weight of the router load-balancing loss; null = the model config's value, 0 = off."""
+    selfpaced_interval: int = 1
+    """self-paced: measure the validation losses every this many optimizer steps."""
+    selfpaced_history_length: int = 100
+    """self-paced: measurements the slopes are fitted over; weights are uniform until that many exist."""
+    selfpaced_sample_valid_num: int = 1
+    """self-paced: validation batches per measurement."""
+    selfpaced_scale_factor: float = 50
+    """self-paced: inverse temperature of the final softmax."""
+    coba_warmup_steps: int = 100
+    """CoBa: uniform weights before this optimizer step."""
+    coba_history_length: int = 200
+    """CoBa: measurements the slopes are fitted over (N in the paper)."""
+    coba_tau: float = 5
+    """CoBa: temperature of the divergence factor."""
+    coba_update_interval: int = 1
+    """CoBa: measure the validation losses (and update the weights) every this many optimizer steps."""
+    coba_sample_valid_num: int = 1
+    """CoBa: validation batches per measurement."""
+    early_stopping: bool = True
+    """Stop when the validation loss has not improved for early_stopping_stall_num evaluations."""
+    early_stopping_stall_num: int = 5
+    """Evaluations without a new best validation loss before early stopping."""
+    saving_limit: Optional[int] = None
+    """Keep at most this many step checkpoints (null: all); the best and the latest are always kept."""
+    resume_from_checkpoint: Optional[str] = None
+    """A checkpoint directory to continue from, or "auto" for the newest in output_dir (fresh if none)."""
+    auto_resume: bool = True
+    """With resume_from_checkpoint null: continue from output_dir's newest checkpoint if any (false: a fresh run, which refuses an output_dir holding checkpoints)."""
+    max_consecutive_nonfinite: int = 5
+    """mftcore: steps with a non-finite loss or gradient are skipped; more than this many in a row stop the run."""
+    peak_tflops: Optional[float] = None
+    """mftcore: the accelerator's peak TFLOP/s for the MFU estimate (null: looked up for known GPUs in bf16/fp16)."""
 
     # --- optimisation ---
     num_train_epochs: int = 4
@@ -178,6 +229,34 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate_engine(self, bad, source: str) -> None:
+        """Adapters, weighting, evaluation and checkpoint keys."""
+        if self.peft_type not in (None, "lora", "qlora"):
+            bad("peft_type", f"{self.peft_type!r} is not supported (choose from null, lora, qlora)")
+        if self.quantization not in (None, "4bit"):
+            bad("quantization", f"{self.quantization!r} is not supported (null, or \"4bit\" with peft_type \"qlora\")")
+        if self.quantization == "4bit" and self.peft_type != "qlora":
+            bad("quantization", "\"4bit\" quantization trains through adapters: set peft_type to \"qlora\"")
+        if self.peft_type is not None and self.pretrained_model_path is None:
+            bad("peft_type", f"{self.peft_type} adapts a pretrained model: set pretrained_model_path")
+        if self.target_modules is not None and self.target_modules != "all-linear":
+            self.target_modules = parse_list(self.target_modules, "target_modules", source)
+        for key in ("lora_rank", "selfpaced_interval", "selfpaced_history_length", "selfpaced_sample_valid_num",
+                    "coba_history_length", "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("coba_warmup_steps", "max_consecutive_nonfinite"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, f"must be an integer >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        if self.saving_limit is not None and (not isinstance(self.saving_limit, int) or self.saving_limit < 1):
+            bad("saving_limit", f"must be a positive integer or null, got {self.saving_limit!r}")
+        if self.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and self.task_weights is not None:
+            bad("task_weights", f"weighted_loss_mode {self.weighted_loss_mode!r} computes the task weights itself")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            bad("peak_tflops", f"must be > 0 or null, got {self.peak_tflops!r}")
+
     # --- validation ---
     def validate(self, source: str = "config") -> None:
         def bad(key, msg):
@@ -213,11 +292,11 @@ class TrainConfig:
             "attn_implementation": ("sdpa", "eager"),
             "tokenize_mode": ("sft",),
         }
+        choices["weighted_loss_mode"] += DYNAMIC_WEIGHTING_MODES
+        choices["mixed_precision"] = ("auto", "fp32", "bf16", "fp16")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"{getattr(self, key)!r} is not supported (choose from {', '.join(allowed)})")
-        if self.peft_type is not None:
-            bad("peft_type", f"{self.peft_type!r} is not supported yet; only null (full fine-tuning)")
         if not self.load_raw_dataset:
             bad("load_raw_dataset", "only raw JSONL data is supported (true)")
         self.validate_mftcoder_keys(bad, source)
@@ -235,6 +314,7 @@ class TrainConfig:
         if self.num_warmup_steps < 0 or (isinstance(self.num_warmup_steps, float) and self.num_warmup_steps >= 1):
             bad("num_warmup_steps", "an int >= 0 (steps) or a float in [0, 1) (fraction of all steps)")
         self.split_fractions(source)
+        self.validate_engine(bad, source)
         for key in ("system", "user", "assistant"):
             if not isinstance(self.role_markers.get(key), str):
                 bad("role_markers", f"{key!r} must be a string")

@@ -6,6 +6,8 @@ from __future__ import annotations
 class MftcoreError(Exception):
     """A user mistake (config, data, paths): the message says where, as file:line or the config key."""
 
+    exit_code = 2
+
 
 class ConfigError(MftcoreError):
     """A bad config file, key or value."""
@@ -13,6 +15,18 @@ class ConfigError(MftcoreError):
 
 class DataError(MftcoreError):
     """Bad training data: a missing path, a malformed line, a record of unknown shape."""
+
+
+class TrainingError(MftcoreError):
+    """The run stopped itself (e.g. too many non-finite steps in a row) after saving a checkpoint."""
+
+    exit_code = 1
+
+
+class TrainingInterrupted(MftcoreError):
+    """SIGTERM: the run saved a checkpoint at the end of the current step and stopped."""
+
+    exit_code = 143  # 128 + SIGTERM, what a scheduler expects of a terminated job
 
 
 def where(path, line: int | None = None) -> str:

@@ -1,11 +1,31 @@
-"""Logging: metrics.jsonl (one JSON object per logged step), TensorBoard, and a tqdm progress bar."""
+"""Logging: metrics.jsonl (one JSON object per logged step), TensorBoard, a tqdm progress bar with ETA,
+and the throughput figures: tokens/s, achieved TFLOP/s, an MFU estimate and peak memory.
+
+MFU = model FLOPs per second / the accelerator's peak dense FLOP/s. Model FLOPs of one step
+(activation-checkpointing recomputation not counted, so this is MFU, not hardware utilisation):
+    tokens * (2 * P_all  +  2 * P_all  +  2 * P_trained)   forward; backward to the inputs (every
+                                                          matmul, frozen or not); weight gradients
+  + 6 * n_layers * d_attn * sum over documents of length^2   causal attention, fwd + bwd (2 + 4)
+P counts the parameters of the matmuls a token goes through: every nn.Linear (4-bit ones by their
+logical in x out; LoRA A and B are linears too), the LM head included, the input embedding (a lookup)
+excluded; fused MoE expert tensors count top_k / num_experts of their size. Tokens are real
+(non-padding) tokens. The peak is `peak_tflops` from the config, else the dense bf16/fp16 tensor-core
+peak of the GPU from PEAK_TFLOPS below (no MFU on CPU, or in fp32, without `peak_tflops`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 
+import torch
 from tqdm.auto import tqdm
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
+PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4), ("A100", 312.0),
+               ("A800", 312.0), ("L40S", 362.1), ("A10G", 70.0), ("L4", 121.0), ("V100", 125.0)]
 
 
 class Metrics:
@@ -21,10 +41,14 @@ class Metrics:
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(output_dir, exist_ok=True)
-        # A fresh run starts a fresh file; a run continuing from a checkpoint appends to it.
-        mode = "a" if initial_step else "w"
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), mode, encoding="utf-8")
-        self.tb = SummaryWriter(tb_dir or os.path.join(output_dir, "tensorboard"))
+        path = os.path.join(output_dir, "metrics.jsonl")
+        # A fresh run starts a fresh file; a resumed one drops what the stopped run logged after its
+        # checkpoint (those steps run again) and appends; TensorBoard purges the same steps.
+        if initial_step:
+            keep_records_up_to(path, initial_step)
+        self.jsonl = open(path, "a" if initial_step else "w", encoding="utf-8")
+        self.tb = SummaryWriter(tb_dir or os.path.join(output_dir, "tensorboard"),
+                                purge_step=initial_step + 1 if initial_step else None)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
     def advance(self, postfix: dict | None = None) -> None:
@@ -33,17 +57,23 @@ class Metrics:
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
 
-    def write(self, step: int, split: str, scalars: dict, task_loss: dict) -> None:
-        """One JSONL record {"step", "split", **scalars, "task_loss": {task: loss}} and the TB scalars."""
+    def write(self, step: int, split: str, scalars: dict, task_loss: dict, task_values: dict | None = None) -> None:
+        """One JSONL record {"step", "split", **scalars, "task_loss": {task: loss}, **task_values} and the
+        TB scalars; task_values maps e.g. "task_tokens" to {task: value}, logged as `{task}_tokens/{split}`."""
         if not self.enabled:
             return
-        record = {"step": step, "split": split, **scalars, "task_loss": task_loss}
+        task_values = task_values or {}
+        record = {"step": step, "split": split, **scalars, "task_loss": task_loss, **task_values}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for key, value in scalars.items():
-            self.tb.add_scalar(f"{key}/{split}", value, step)
+            if isinstance(value, (int, float)):  # None (e.g. no MFU on CPU) stays out of TensorBoard
+                self.tb.add_scalar(f"{key}/{split}", value, step)
         for task, value in task_loss.items():
             self.tb.add_scalar(f"{task}_loss/{split}", value, step)
+        for key, per_task in task_values.items():
+            for task, value in per_task.items():
+                self.tb.add_scalar(f"{task}_{key.removeprefix('task_')}/{split}", value, step)
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -54,3 +84,108 @@ class Metrics:
             self.bar.close()
             self.tb.close()
             self.jsonl.close()
+
+
+class Window:
+    """What the steps since the last log line add up to: tokens, model FLOPs, per-task loss and tokens."""
+
+    def __init__(self, num_tasks: int, peak: float | None):
+        self.num_tasks, self.peak = num_tasks, peak
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.flops, self.t0 = 0, 0.0, time.perf_counter()
+        self.task_sum, self.task_count = torch.zeros(self.num_tasks), torch.zeros(self.num_tasks)
+
+    def add_step(self, tokens: int, flops: float) -> None:
+        self.tokens += tokens
+        self.flops += flops
+
+    def add_losses(self, task_sum: torch.Tensor, task_count: torch.Tensor) -> None:
+        self.task_sum += task_sum.float().cpu()
+        self.task_count += task_count.float().cpu()
+
+    def rates(self) -> dict:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        flops = self.flops / elapsed
+        return {"tokens_per_s": self.tokens / elapsed, "tflops": flops / 1e12,
+                "mfu": flops / self.peak if self.peak else None}
+
+    def task_losses(self) -> list:
+        return [float(s / c) if c > 0 else None for s, c in zip(self.task_sum.tolist(), self.task_count.tolist())]
+
+
+def keep_records_up_to(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the records after `step`."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+# --- FLOPs, MFU, memory ------------------------------------------------------------------------
+
+def matmul_params(model) -> tuple:
+    """(P_all, P_trained) of the module docstring: parameters of the matmuls a token goes through."""
+    embedding = model.get_input_embeddings()
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    active = (getattr(config, "num_experts_per_tok", None) or 1) / experts if experts else 1.0
+    total = trained = 0.0
+    for module in model.modules():
+        if module is embedding:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            n = module.in_features * module.out_features
+            total += n
+            trained += n if module.weight.requires_grad else 0
+            continue
+        for p in module.parameters(recurse=False):
+            if p.ndim == 3:  # fused experts [E, out, in]: only top_k of E run per token
+                total += p.numel() * active
+                trained += p.numel() * active if p.requires_grad else 0
+    return total, trained
+
+
+def attention_width(model) -> tuple:
+    """(n_layers, query heads x head dim) from the HF config."""
+    c = model.config
+    heads = getattr(c, "num_attention_heads", 0)
+    head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
+    return getattr(c, "num_hidden_layers", 0), heads * head_dim
+
+
+def sum_squared_doc_lengths(batch) -> int:
+    """sum over documents of length^2 = sum over real tokens of (2 * position + 1); host tensors."""
+    real = batch.task_ids >= 0
+    return int(((2 * batch.position_ids + 1) * real).sum())
+
+
+def step_flops(params: tuple, attn: tuple, tokens: int, sq_lengths: int) -> float:
+    p_all, p_trained = params
+    n_layers, d_attn = attn
+    return tokens * (4 * p_all + 2 * p_trained) + 6 * n_layers * d_attn * sq_lengths
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, peak_tflops=None):
+    """The FLOP/s the MFU is measured against, or None when it is not known."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory; on CPU the peak resident set size of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

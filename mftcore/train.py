@@ -1,26 +1,40 @@
-"""The training loop: setup, then one visible loop of optimizer steps; evaluation, logging and
-checkpointing are explicit calls in it.
+"""The training loop: setup, then one visible loop of optimizer steps; evaluation, logging, weighting
+updates and checkpointing are explicit calls in it.
 
     mftcore train configs/tiny.json [key=value ...]
+
+Everything a step depends on (weights, optimizer, scheduler, scaler, RNG, data position, the dynamic
+weighting and validation-sampler positions, best/stall counters) is in each checkpoint, so a run
+resumed from checkpoint-N ends bitwise equal to one that never stopped (on CPU; tested).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
-import time
+import signal
+import threading
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
 from mftcore import checkpoint
-from mftcore.config import TrainConfig
-from mftcore.data import StepLoader, collate_padded, data_rank, load_tasks, report_lines
+from mftcore.config import DYNAMIC_WEIGHTING_MODES, TrainConfig
+from mftcore.data import StepLoader, load_tasks, report_lines
 from mftcore.data.chat_template import build_chat_template
-from mftcore.errors import ConfigError
+from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
+from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
 from mftcore.kernels import fused_linear_cross_entropy
-from mftcore.loss import step_token_scales, task_scales
-from mftcore.metrics import Metrics
-from mftcore.model import hidden_states, load_model, load_tokenizer
+from mftcore.loss import step_token_scales
+from mftcore.metrics import (Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb,
+                             step_flops, sum_squared_doc_lengths)
+from mftcore.model import causal_lm, hidden_states, lm_head, load_tokenizer, run_decoder
+from mftcore.model.adapters import build_model, compute_dtype
+from mftcore.model.moe import moe_spec, router_aux_loss
+from mftcore.weighting import CoBa, build_weighting, sampling_schedule
 
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -37,7 +51,7 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     """Linear warmup to learning_rate, then cosine (or linear, or constant) down to min_lr at total_steps."""
     warmup = cfg.num_warmup_steps
     warmup = int(warmup * total_steps) if isinstance(warmup, float) else warmup
-    floor = cfg.min_lr / cfg.learning_rate
+    floor = cfg.min_lr / cfg.learning_rate if cfg.learning_rate > 0 else 0.0  # lr 0: evaluation-only runs
 
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if step < warmup:
@@ -52,110 +66,293 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def batch_loss(model, batch, num_tasks: int, **loss_kwargs):
-    """Decoder -> final hidden states -> fused linear + cross-entropy against the LM head."""
-    hidden = hidden_states(model, batch)
-    head = model.get_output_embeddings()
+def head_loss(model, hidden, batch, num_tasks: int, **loss_kwargs):
+    """Fused linear + cross-entropy of final hidden states [B, L, H] against the LM head."""
+    head = lm_head(model)
     return fused_linear_cross_entropy(
         hidden.flatten(0, 1), head.weight, batch.labels.flatten(), batch.task_ids.flatten(),
         bias=head.bias, num_tasks=num_tasks, **loss_kwargs)
 
 
-def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks: int, weights):
-    """One optimizer step over its micro-batches, normalised as case3 over all of them."""
-    scales, counts = step_token_scales(batches, cfg.weighted_loss_mode, num_tasks, weights)
+def batch_loss(model, batch, num_tasks: int, **loss_kwargs):
+    """Decoder -> final hidden states -> fused linear + cross-entropy against the LM head."""
+    return head_loss(model, hidden_states(model, batch), batch, num_tasks, **loss_kwargs)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the step's loss (case3 of all its micro-batches), MoE auxiliary loss excluded
+    task_sum: torch.Tensor  # [K] summed token cross-entropy
+    counts: torch.Tensor  # [K] loss tokens
+    grad_norm: torch.Tensor
+    aux_loss: Optional[torch.Tensor]  # the MoE load-balancing term (already times its coefficient)
+    skipped: Optional[str]  # None, or why the update was skipped: "loss", "gradient", "fp16 overflow"
+
+    def __iter__(self):  # unpacks as train_step's earlier result: loss, task_sum, counts, grad_norm
+        return iter((self.loss, self.task_sum, self.counts, self.grad_norm))
+
+
+def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks: int, weights, *,
+               scaler=None, moe=None, autocast=contextlib.nullcontext) -> StepResult:
+    """One optimizer step over its micro-batches, normalised over all of them; a non-finite loss or
+    gradient leaves the weights untouched (the schedule still advances, so lr stays a function of step)."""
+    mode = "case3" if cfg.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES else cfg.weighted_loss_mode
+    scales, counts = step_token_scales(batches, mode, num_tasks, weights)
     loss = torch.zeros((), device=counts.device)
+    aux_total = torch.zeros((), device=counts.device) if moe is not None else None
     task_sum = torch.zeros(num_tasks, device=counts.device)
     for b, scale in zip(batches, scales):
-        out = batch_loss(model, b, num_tasks, reduction="sum", token_scale=scale)
-        out.loss.backward()
+        with autocast():
+            if moe is None:
+                out = batch_loss(model, b, num_tasks, reduction="sum", token_scale=scale)
+                total = out.loss
+            else:
+                dec = run_decoder(model, b, output_router_logits=True)
+                out = head_loss(model, dec.last_hidden_state, b, num_tasks, reduction="sum", token_scale=scale)
+                aux = router_aux_loss(dec.router_logits, moe, b.attention_mask) / len(batches)
+                total = out.loss + aux
+                aux_total += aux.detach()
+        (scaler.scale(total) if scaler is not None else total).backward()
         loss += out.loss.detach()
         task_sum += out.task_loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
+    total_loss = loss if aux_total is None else loss + aux_total
+    finite = torch.stack([torch.isfinite(total_loss), torch.isfinite(grad_norm)]).tolist()  # one sync
+    skipped = None if all(finite) else ("loss" if not finite[0] else "fp16 overflow" if scaler else "gradient")
+    if skipped is None and scaler is not None:
+        scaler.step(optimizer)
+    elif skipped is None:
+        optimizer.step()
+    if scaler is not None:
+        scaler.update()  # an overflow lowers the scale
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, task_sum, counts, grad_norm
+    return StepResult(loss, task_sum, counts, grad_norm, aux_total, skipped)
 
 
-@torch.no_grad()
-def evaluate(model, samples, cfg: TrainConfig, pad_id: int, num_tasks: int, weights, device):
-    """Per-task token-mean validation loss, and their case3 combination."""
-    model.eval()
-    task_sum = torch.zeros(num_tasks, device=device)
-    counts = torch.zeros(num_tasks, device=device)
-    bs = cfg.per_device_eval_batch_size
-    for i in range(0, len(samples), bs):
-        out = batch_loss(model, collate_padded(samples[i:i + bs], pad_id).to(device), num_tasks, reduction="sum")
-        task_sum += out.task_loss_sum
-        counts += out.task_token_count
-    model.train()
-    scales = task_scales(counts, weights)
-    return float((scales * task_sum).sum()), task_sum, counts
+@dataclass
+class TrainerState:
+    """The loop's own counters; saved in trainer_state.json with the data and weighting positions."""
+    step: int = 0
+    best_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    stall: int = 0
+    early_stopped: bool = False
+    skipped_steps: int = 0
+    overflow_steps: int = 0
+    nonfinite_in_a_row: int = 0
 
 
-def per_task(names, task_sum, counts) -> dict:
-    return {n: float(s / c) for n, s, c in zip(names, task_sum.tolist(), counts.tolist()) if c > 0}
+class StopRequest:
+    """SIGTERM sets a flag; the loop finishes the current step, saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def process_rank() -> tuple:
+    """(rank, world_size) of this process: the one place multi-process training plugs in."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("WORLD_SIZE > 1: multi-process training is not supported yet (one process only)")
+    return 0, 1
+
+
+def per_task(names, values) -> dict:
+    return {n: v for n, v in zip(names, values) if v is not None}
 
 
 def train(cfg: TrainConfig) -> str:
-    """Run training to the end; returns the directory of the final model."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("WORLD_SIZE > 1: multi-process training is not supported yet (one process only)")
+    """Run training to the end; returns the directory of the final model (or adapter)."""
+    rank, world_size = process_rank()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resume_from = checkpoint.resolve_resume(cfg)
+    checkpoint.remove_leftovers(cfg.output_dir)
 
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.eos_token_id  # MFTCoder pads with EOS; padding never reaches the loss
     data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
     names, K = data.names, len(data.names)
-    weights = None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device)
+    if cfg.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and not data.valid:
+        raise ConfigError(f"data_split: weighted_loss_mode {cfg.weighted_loss_mode!r} needs validation data")
+    static_weights = None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device)
 
-    model = load_model(cfg, len(tokenizer)).to(device)
-    model.train()
+    dtype = compute_dtype(cfg, device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    model = build_model(cfg, len(tokenizer), device)
+    lm = causal_lm(model)
+    moe = moe_spec(lm.config, cfg.router_aux_loss_coef)
     optimizer = build_optimizer(model, cfg)
-    rank, world_size = data_rank()
     loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
                         accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed,
                         rank=rank, world_size=world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length)
     total_steps = cfg.max_train_steps or cfg.num_train_epochs * loader.steps_per_epoch()
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    weighting = build_weighting(cfg, K)
+    interval, samples_per_update = sampling_schedule(cfg)
+    sampler = ValidationSampler(data.valid, cfg.per_device_eval_batch_size, pad_id) if weighting else None
+    state = TrainerState()
+    if resume_from:
+        saved = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler, scaler=scaler, rank=rank)
+        restore_trainer(saved, state, loader, weighting, sampler, cfg, resume_from)
+        checkpoint.restore_checkpoint_rng(resume_from, rank)  # last: nothing after this draws before step 1
 
-    metrics = Metrics(cfg.output_dir, cfg.tb_dir, total_steps)
+    metrics = Metrics(cfg.output_dir, cfg.tb_dir, total_steps, initial_step=state.step, enabled=rank == 0)
     for line in report_lines(data, cfg):
         metrics.print(line)
     n_params = sum(p.numel() for p in model.parameters())
-    metrics.print(f"model: {n_params / 1e6:.2f}M parameters; {total_steps} steps on {device}")
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics.print(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
+                  f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {device}")
+    evaluate_valid = functools.partial(evaluate, model, data.valid, batch_size=cfg.per_device_eval_batch_size,
+                                       pad_id=pad_id, num_tasks=K, device=device, autocast=autocast)
+    if resume_from:
+        metrics.print(f"resumed from {resume_from} at step {state.step}")
+        if saved.get("total_steps") != total_steps:
+            metrics.print(f"note: {total_steps} steps in all, the checkpoint's run planned {saved.get('total_steps')}: "
+                          f"the learning-rate schedule from here differs from that run's")
+    elif isinstance(weighting, CoBa):  # the loss ratios are relative to the losses before training
+        weighting.set_initial(evaluate_valid().task_losses())
 
+    flop_params, attn = matmul_params(lm), attention_width(lm)
+    window = Window(K, peak_flops(device, dtype, cfg.peak_tflops))
     batches = iter(loader)
-    tokens, t0 = 0, time.perf_counter()
-    for step in range(1, total_steps + 1):
-        epoch, micro = next(batches)
-        tokens += sum(b.num_tokens for b in micro)  # counted on the host, before the copy
-        micro = [b.to(device) for b in micro]
-        lr = scheduler.get_last_lr()[0]
-        loss, task_sum, counts, grad_norm = train_step(model, micro, optimizer, scheduler, cfg, K, weights)
-        metrics.advance({"loss": f"{float(loss):.4f}"})
+    with StopRequest() as stop:
+        while state.step < total_steps and not state.early_stopped:
+            epoch, micro = next(batches)
+            tokens = sum(b.num_tokens for b in micro)  # counted on the host, before the copy
+            window.add_step(tokens, step_flops(flop_params, attn, tokens, sum(map(sum_squared_doc_lengths, micro))))
+            micro = [b.to(device) for b in micro]
+            weights = static_weights if weighting is None else torch.tensor(weighting.weights(), device=device)
+            lr = scheduler.get_last_lr()[0]
+            res = train_step(model, micro, optimizer, scheduler, cfg, K, weights, scaler=scaler, moe=moe,
+                             autocast=autocast)
+            state.step += 1
+            step = state.step
+            window.add_losses(res.task_sum, res.counts)
+            diverged = count_skipped(res, state, cfg, metrics, step)
+            metrics.advance({"loss": f"{float(res.loss):.4f}", "lr": f"{lr:.2e}"})
 
-        if step % cfg.log_interval == 0 or step == total_steps:
-            elapsed = time.perf_counter() - t0
-            metrics.write(step, "train", {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
-                                          "epoch": epoch, "tokens_per_s": tokens / elapsed},
-                          per_task(names, task_sum, counts))
-            tokens, t0 = 0, time.perf_counter()
-        if cfg.evaluation_steps and data.valid and (step % cfg.evaluation_steps == 0 or step == total_steps):
-            vloss, vsum, vcount = evaluate(model, data.valid, cfg, pad_id, K, weights, device)
-            metrics.write(step, "valid", {"loss": vloss}, per_task(names, vsum, vcount))
-        epoch_end = loader.state_dict()["step_in_epoch"] == loader.steps_per_epoch()
-        if ((cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0) or step == total_steps
-                or (cfg.epoch_checkpointing and epoch_end)):
-            checkpoint.save_checkpoint(cfg.output_dir, step, model, optimizer, scheduler,
-                                       {"data": loader.state_dict()})
+            if weighting is not None and step % interval == 0:
+                measured = evaluate_batches(model, sampler.next_batches(samples_per_update), K, device, autocast)
+                weighting.observe(step, measured.task_losses())
+            if step % cfg.log_interval == 0 or step == total_steps:
+                log_train(metrics, step, epoch, lr, res, state, window, weighting, names, device)
+            improved = False
+            if cfg.evaluation_steps and data.valid and (step % cfg.evaluation_steps == 0 or step == total_steps):
+                improved = log_evaluation(metrics, step, evaluate_valid(), state, cfg, names)
+
+            periodic = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
+            epoch_end = cfg.epoch_checkpointing and loader.state_dict()["step_in_epoch"] == loader.steps_per_epoch()
+            if (periodic or epoch_end or step == total_steps or improved or state.early_stopped or stop.requested
+                    or diverged):
+                path = checkpoint.save_checkpoint(
+                    cfg.output_dir, step, model, optimizer, scheduler,
+                    trainer_state(state, loader, weighting, sampler, cfg, total_steps), scaler=scaler, rank=rank)
+                checkpoint.prune_checkpoints(cfg.output_dir, cfg.saving_limit, {state.best_step, step})
+                if diverged:
+                    metrics.close()
+                    raise TrainingError(
+                        f"{state.nonfinite_in_a_row} steps in a row had a non-finite {res.skipped} (the last at step "
+                        f"{step}; max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); stopped with {path}. "
+                        f"Lower learning_rate or check the data, then resume")
+                if stop.requested:
+                    metrics.close()
+                    raise TrainingInterrupted(f"stopped by SIGTERM after step {step}; checkpoint saved to {path} "
+                                              f"(resume with resume_from_checkpoint=auto)")
 
     tokenizer.chat_template = build_chat_template(cfg.role_markers)  # apply_chat_template == training string
     final = checkpoint.save_final(cfg.output_dir, model, tokenizer, cfg.to_dict())
+    if state.best_step is not None:
+        metrics.print(f"best validation loss {state.best_loss:.4f} at step {state.best_step} "
+                      f"({os.path.join(cfg.output_dir, f'checkpoint-{state.best_step}')})")
     metrics.print(f"saved {final}")
     metrics.close()
     return final
+
+
+def log_train(metrics: Metrics, step: int, epoch: int, lr: float, res: StepResult, state: TrainerState,
+              window: Window, weighting, names, device) -> None:
+    """One train record: this step's loss, lr and gradient norm; loss and tokens per task, throughput
+    and MFU over the steps since the last record; the dynamic task weights."""
+    scalars = {"loss": float(res.loss), "lr": lr, "grad_norm": float(res.grad_norm), "epoch": epoch,
+               **window.rates(), "memory_gb": peak_memory_gb(device), "skipped_steps": state.skipped_steps}
+    if res.aux_loss is not None:
+        scalars["aux_loss"] = float(res.aux_loss)
+    extra = {"task_tokens": per_task(names, window.task_count.tolist())}
+    for key, value in (weighting.log_values() if weighting is not None else {}).items():
+        if isinstance(value, list):
+            extra[key] = per_task(names, value)
+        else:
+            scalars[key] = value
+    metrics.write(step, "train", scalars, per_task(names, window.task_losses()), extra)
+    window.reset()
+
+
+def log_evaluation(metrics: Metrics, step: int, result, state: TrainerState, cfg: TrainConfig, names) -> bool:
+    """Log a validation result and track the best loss and early stopping; True on a new best."""
+    vloss = result.combined_loss(cfg.task_weights)
+    improved = state.best_loss is None or vloss < state.best_loss
+    if improved:
+        state.best_loss, state.best_step, state.stall = vloss, step, 0
+    else:
+        state.stall += 1
+        state.early_stopped = cfg.early_stopping and state.stall >= cfg.early_stopping_stall_num
+    metrics.write(step, "valid", {"loss": vloss, "accuracy": result.accuracy()}, per_task(names, result.task_losses()),
+                  {"task_accuracy": per_task(names, result.task_accuracy()),
+                   "task_tokens": per_task(names, result.task_count.tolist())})
+    if state.early_stopped:
+        metrics.print(f"early stopping at step {step}: no better validation loss in {state.stall} evaluations "
+                      f"(best {state.best_loss:.4f} at step {state.best_step})")
+    return improved
+
+
+def count_skipped(res: StepResult, state: TrainerState, cfg: TrainConfig, metrics: Metrics, step: int) -> bool:
+    """Count a skipped update; True when more than max_consecutive_nonfinite were skipped in a row.
+    fp16 overflows are the loss scaler calibrating itself and do not count towards stopping."""
+    if res.skipped is None:
+        state.nonfinite_in_a_row = 0
+        return False
+    if res.skipped == "fp16 overflow":
+        state.overflow_steps += 1
+        return False
+    state.skipped_steps += 1
+    state.nonfinite_in_a_row += 1
+    metrics.print(f"step {step}: non-finite {res.skipped}, update skipped ({state.nonfinite_in_a_row} in a row, "
+                  f"{state.skipped_steps} in all)")
+    return state.nonfinite_in_a_row > cfg.max_consecutive_nonfinite
+
+
+def trainer_state(state: TrainerState, loader, weighting, sampler, cfg: TrainConfig, total_steps: int) -> dict:
+    return {**asdict(state), "total_steps": total_steps, "weighted_loss_mode": cfg.weighted_loss_mode,
+            "data": loader.state_dict(), "loss_mode": weighting.state_dict() if weighting else None,
+            "valid_sampler": sampler.state_dict() if sampler else None}
+
+
+def restore_trainer(saved: dict, state: TrainerState, loader, weighting, sampler, cfg: TrainConfig, path: str):
+    if saved.get("weighted_loss_mode") != cfg.weighted_loss_mode:
+        raise ConfigError(f"weighted_loss_mode: {path} was trained with {saved.get('weighted_loss_mode')!r}, "
+                          f"the config says {cfg.weighted_loss_mode!r}")
+    for key in asdict(state):
+        setattr(state, key, saved[key])
+    loader.load_state_dict(saved["data"])
+    if weighting is not None:
+        weighting.load_state_dict(saved["loss_mode"])
+        sampler.load_state_dict(saved["valid_sampler"])

@@ -33,17 +33,27 @@ def set_eos_token(tok, token: str) -> None:
     tok.eos_token = token
 
 
-def load_model(cfg, vocab_size: int):
+def load_model(cfg, vocab_size: int, dtype=torch.float32, quantization_config=None, device_map=None):
     """From pretrained_model_path (safetensors only), or randomly initialised from model_config."""
     kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     if cfg.pretrained_model_path is not None:
-        if not os.path.isdir(cfg.pretrained_model_path):
-            raise ConfigError(f"pretrained_model_path: {cfg.pretrained_model_path}: not a directory")
-        config = AutoConfig.from_pretrained(cfg.pretrained_model_path, trust_remote_code=cfg.trust_remote_code)
-        check_model_matches(cfg.model_type, config)
-        check_loss_compatible(config)
-        return AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained_model_path, dtype=torch.float32, use_safetensors=True, **kwargs)
+        path = cfg.pretrained_model_path
+        if not os.path.isdir(path):
+            raise ConfigError(f"pretrained_model_path: {path}: not a directory")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            check_model_matches(cfg.model_type, config)
+            check_loss_compatible(config)
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, quantization_config=quantization_config,
+                device_map=device_map, **kwargs)
+        except OSError as e:  # no *.safetensors: we never unpickle weights (a .bin can run code)
+            raise ConfigError(f"pretrained_model_path: {path}: {e} (weights are read only from safetensors)") from None
+        except ValueError as e:
+            if "custom code" in str(e):
+                raise ConfigError(f"pretrained_model_path: {path}: the model needs its own code; set "
+                                  f"trust_remote_code=true only if you trust it") from None
+            raise
     spec = dict(cfg.model_config)
     model_type = spec.pop("model_type")
     spec.setdefault("vocab_size", vocab_size)
@@ -56,19 +66,36 @@ def load_model(cfg, vocab_size: int):
     return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+def causal_lm(model):
+    """The HF causal LM itself: a PeftModel keeps it (with the adapters injected) under base_model.model."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
 def decoder(model):
     """The model without its LM head (LlamaModel inside LlamaForCausalLM, and so on)."""
-    return getattr(model, model.base_model_prefix)
+    lm = causal_lm(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+def lm_head(model):
+    """The output projection whose weight the fused loss multiplies by."""
+    return causal_lm(model).get_output_embeddings()
+
+
+def run_decoder(model, batch, **decoder_kwargs):
+    """The decoder's HF output for the batch (router logits too with output_router_logits=True)."""
+    lm = causal_lm(model)
+    mask = batch.attention_mask
+    if mask is None:  # packed rows: keep documents apart on the stock backends
+        mask = packed_attention_mask(batch, lm.config._attn_implementation, lm.dtype)
+    return decoder(model)(input_ids=batch.input_ids, attention_mask=mask,
+                          position_ids=batch.position_ids, use_cache=False, **decoder_kwargs)
 
 
 def hidden_states(model, batch) -> torch.Tensor:
     """Final hidden states [B, L, H] of the batch; the LM head is applied inside the fused loss."""
-    mask = batch.attention_mask
-    if mask is None:
-        mask = packed_attention_mask(batch, model.config._attn_implementation, model.dtype)
-    out = decoder(model)(input_ids=batch.input_ids, attention_mask=mask,
-                         position_ids=batch.position_ids, use_cache=False)
-    return out.last_hidden_state
+    return run_decoder(model, batch).last_hidden_state
 
 
 def packed_attention_mask(batch, attn_implementation: str, dtype: torch.dtype):

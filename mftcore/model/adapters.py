@@ -1,0 +1,115 @@
+"""Full fine-tuning, LoRA and QLoRA on one HF model, with the precision and activation checkpointing
+the config asks for. Functions applied to an untouched model, in order, by `build_model`:
+
+    load (fp32, or the half dtype for a frozen LoRA base, or nf4 for QLoRA)
+    -> prepare for k-bit training (QLoRA) -> add LoRA adapters -> activation checkpointing
+
+peft does the adapter work; a PeftModel keeps the causal LM (decoder + LM head) under
+base_model.model, which `mftcore.model.causal_lm` unwraps for the fused loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mftcore.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(cfg, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: cfg.mixed_precision, where "auto" is bf16 on a GPU that has it, else fp32."""
+    if cfg.mixed_precision != "auto":
+        return DTYPES[cfg.mixed_precision]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(cfg, dtype: torch.dtype):
+    """QLoRA: 4-bit NormalFloat weights with double quantisation, matmuls in the compute dtype."""
+    if cfg.peft_type != "qlora":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; say so in our words)
+    except ImportError:
+        raise ConfigError("peft_type: \"qlora\" needs bitsandbytes (pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def storage_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
+    """Weights are stored in fp32 where they train (full fine-tuning keeps fp32 master weights and
+    autocasts); a frozen LoRA base is stored in the compute dtype, half the memory."""
+    return dtype if cfg.peft_type == "lora" else torch.float32
+
+
+def lora_targets(cfg):
+    """cfg.target_modules, else peft's "all-linear" (every linear layer but the LM head), MFTCoder's default."""
+    targets = cfg.target_modules
+    if targets is None:
+        return "all-linear"
+    if isinstance(targets, str) and targets != "all-linear":
+        return [t.strip() for t in targets.strip("[]").split(",") if t.strip()]
+    return targets
+
+
+def add_adapters(model, cfg):
+    """Wrap the model as a PeftModel with LoRA adapters (fp32 adapter weights); the base is frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.peft_type == "qlora":
+        # Freezes the base and upcasts its non-quantized weights (norms, embeddings) to fp32.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = lora_targets(cfg)
+    head = model.get_output_embeddings()
+    head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
+    if not isinstance(targets, str) and head_names & set(targets):
+        # The fused loss multiplies by the head's weight directly; an adapter on it would be ignored.
+        raise ConfigError(f"target_modules: the LM head ({sorted(head_names)[0]}) cannot take a LoRA adapter")
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # e.g. a target module name the model does not have
+        raise ConfigError(f"target_modules: {e}") from None
+
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant, so a frozen embedding is fine)."""
+    from mftcore.model import causal_lm
+
+    if not enabled:
+        return
+    lm = causal_lm(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def build_model(cfg, vocab_size: int, device: torch.device):
+    """The model ready to train on `device`: loaded, quantized and/or adapted, checkpointing set."""
+    from mftcore.model import load_model
+
+    dtype = compute_dtype(cfg, device)
+    quant = quantization_config(cfg, dtype)
+    # transformers places a quantized model itself (device_map); the rest is moved after loading.
+    model = load_model(cfg, vocab_size, dtype=storage_dtype(cfg, dtype), quantization_config=quant,
+                       device_map=None if quant is None else {"": str(device)})
+    if quant is None:
+        model = model.to(device)
+    if cfg.peft_type in ("lora", "qlora"):
+        model = add_adapters(model, cfg)
+    set_activation_checkpointing(model, cfg.gradient_checkpointing)
+    model.train()
+    return model
+
+
+def is_adapter_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
