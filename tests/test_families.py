@@ -125,3 +125,17 @@ def test_eos_falls_back_to_the_family_token(tmp_path):
     tok.save_pretrained(tmp_path)
     cfg = family_config("gemma", tokenizer_path=str(tmp_path))
     assert load_tokenizer(cfg).eos_token == "<eos>"
+
+
+def test_lora_defaults_to_the_family_targets():
+    """target_modules null: the trainer's LoRA uses the family's targets (MoE routers left out)."""
+    from types import SimpleNamespace
+
+    from mftcore.model.adapters import lora_targets
+
+    def cfg(model_type, target_modules=None):
+        return SimpleNamespace(model_type=model_type, target_modules=target_modules)
+
+    assert lora_targets(cfg("qwen2_moe")) == list(get_family("qwen2_moe").lora_targets)
+    assert lora_targets(cfg("llama", "[q_proj,v_proj]")) == ["q_proj", "v_proj"]
+    assert lora_targets(cfg(None)) == "all-linear"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mftcore.errors import ConfigError
+from mftcore.model.families import lora_target_modules
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,10 +48,10 @@ def storage_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
 
 
 def lora_targets(cfg):
-    """cfg.target_modules, else peft's "all-linear" (every linear layer but the LM head), MFTCoder's default."""
+    """cfg.target_modules, else the family's targets (model/families.py), else peft's "all-linear"."""
     targets = cfg.target_modules
     if targets is None:
-        return "all-linear"
+        return lora_target_modules(cfg.model_type)
     if isinstance(targets, str) and targets != "all-linear":
         return [t.strip() for t in targets.strip("[]").split(",") if t.strip()]
     return targets
