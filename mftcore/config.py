@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -51,8 +52,8 @@ class TrainConfig:
     """mftcore: tokenizer directory (default: pretrained_model_path)."""
     model_type: Optional[str] = None
     """Model family, e.g. llama, qwen2, mistral (informational unless a family needs special handling)."""
-    attn_implementation: str = "sdpa"
-    """Attention backend passed to transformers: "sdpa" or "eager"."""
+    attn_implementation: Optional[str] = None
+    """eager, sdpa, flash_attention_2 (if installed), mftcore_varlen; null: mftcore_varlen if packing, else sdpa."""
     peft_type: Optional[str] = None
     """Null for full fine-tuning (LoRA/QLoRA arrive with the training-engine issue)."""
     trust_remote_code: bool = False
@@ -168,12 +169,12 @@ class TrainConfig:
             "padding_mode": ("padding",),
             "weighted_loss_mode": ("case3",),
             "lr_scheduler_type": ("cosine", "constant"),
-            "attn_implementation": ("sdpa", "eager"),
             "tokenize_mode": ("sft",),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"{getattr(self, key)!r} is not supported (choose from {', '.join(allowed)})")
+        self.attn_implementation = resolve_attn_implementation(self.attn_implementation, self.padding_mode, source)
         if self.peft_type is not None:
             bad("peft_type", f"{self.peft_type!r} is not supported yet; only null (full fine-tuning)")
         if not self.load_raw_dataset:
@@ -208,6 +209,22 @@ class TrainConfig:
             raise ConfigError(f"{source}: data_split: expected three numbers like \"98,2,0\", got {self.data_split!r}")
         total = sum(parts)
         return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "mftcore_varlen")
+
+
+def resolve_attn_implementation(value: Optional[str], padding_mode: str, source: str = "config") -> str:
+    """null/"auto" -> mftcore_varlen for packed rows (documents must not see each other), else sdpa."""
+    if value in (None, "auto"):
+        return "mftcore_varlen" if padding_mode == "pack" else "sdpa"
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"{source}: attn_implementation: {value!r} is not supported "
+                          f"(choose from {', '.join(ATTN_IMPLEMENTATIONS)}, or null for auto)")
+    if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(f"{source}: attn_implementation: flash_attention_2 needs the flash_attn package, "
+                          "which is not installed; mftcore_varlen is the packed-attention kernel that ships here")
+    return value
 
 
 def parse_value(text: str) -> Any:

@@ -8,6 +8,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mftcore.errors import ConfigError
+from mftcore.model.attention import ATTN_IMPLEMENTATION, varlen_kwargs  # registers "mftcore_varlen"
+
+# Backends that take the Batch's segments as cu_seqlens kwargs instead of an attention mask.
+VARLEN_BACKENDS = (ATTN_IMPLEMENTATION, "flash_attention_2")
 
 
 def load_tokenizer(cfg):
@@ -45,6 +49,8 @@ def decoder(model):
 
 def hidden_states(model, batch) -> torch.Tensor:
     """Final hidden states [B, L, H] of the batch; the LM head is applied inside the fused loss."""
-    out = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, use_cache=False)
+    segments = dict(attention_mask=batch.attention_mask)
+    if model.config._attn_implementation in VARLEN_BACKENDS:
+        segments = varlen_kwargs(batch)  # documents (and padding runs) from cu_seqlens: no mask
+    out = decoder(model)(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **segments)
     return out.last_hidden_state
