@@ -87,8 +87,10 @@ def forward_backward(fn, q, k, v, do):
 
 
 def compare_with_reference(lengths, heads, head_dim, dtype, deterministic, causal=True, device="cuda") -> dict:
-    """{o, dq, dk, dv: (max error of ours, max error of the reference run in `dtype`)}, both measured
-    against the reference in fp32: ours passes at <= 2x the reference's own low-precision error."""
+    """{o, dq, dk, dv: {ours, reference_lowp, scale, ok}}: max errors of ours and of the reference run in
+    `dtype`, both against the reference in fp32, whose max magnitude is `scale`. ok: ours is within 3x the
+    reference's own low-precision error plus 2 ulps of the scale (P and dS are rounded to `dtype` before
+    their matmuls, as in FA2; a masking or indexing bug errs by the order of `scale`)."""
     q, k, v, do = random_inputs(lengths, heads, head_dim, dtype, device)
     cu, max_len = cu_seqlens_of(lengths, device), max(lengths)
     ours = forward_backward(lambda *a: varlen_attention(*a, cu, max_len, causal=causal,
@@ -96,8 +98,13 @@ def compare_with_reference(lengths, heads, head_dim, dtype, deterministic, causa
     ref = forward_backward(lambda *a: varlen_attention_reference(*a, cu, causal=causal), q, k, v, do)
     exact = forward_backward(lambda *a: varlen_attention_reference(*a, cu, causal=causal),
                              q.float(), k.float(), v.float(), do.float())
-    return {name: ((a.float() - e).abs().max().item(), (r.float() - e).abs().max().item())
-            for name, a, r, e in zip(("o", "dq", "dk", "dv"), ours, ref, exact)}
+    out = {}
+    for name, a, r, e in zip(("o", "dq", "dk", "dv"), ours, ref, exact):
+        err, base, scale = ((a.float() - e).abs().max().item(), (r.float() - e).abs().max().item(),
+                            e.abs().max().item())
+        out[name] = {"ours": err, "reference_lowp": base, "scale": scale,
+                     "ok": err <= 3 * base + 2 * torch.finfo(dtype).eps * scale}
+    return out
 
 
 # -------------------------------------------------------------------------------------------- GPU
@@ -108,9 +115,8 @@ def gpu_correctness() -> dict:
     out = {"cases": {}}
     for dtype in (torch.bfloat16, torch.float16):
         for deterministic in (False, True):
-            errors = compare_with_reference(lengths, (8, 2), 128, dtype, deterministic)
-            out["cases"][f"{str(dtype)[6:]}_det{int(deterministic)}"] = {
-                name: {"ours": e, "reference_lowp": b, "ok": e <= 2 * b + 1e-4} for name, (e, b) in errors.items()}
+            out["cases"][f"{str(dtype)[6:]}_det{int(deterministic)}"] = compare_with_reference(
+                lengths, (8, 2), 128, dtype, deterministic)
     q, k, v, do = random_inputs(lengths, (8, 2), 128, torch.bfloat16, "cuda", seed=1)
     cu = cu_seqlens_of(lengths, "cuda")
     runs = [forward_backward(lambda *a: varlen_attention(*a, cu, 2048, deterministic=True), q, k, v, do)

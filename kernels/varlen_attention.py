@@ -15,10 +15,11 @@ run the Triton code (bf16 is computed wrongly by the interpreter, so it stays on
 
 Kernels (FA2's algorithm, log2 domain): the forward keeps a running max and sum per query row and saves
 lse = log2(sum exp2) per (head, token) for the backward. The backward recomputes P from lse; one program
-per key block accumulates dK, dV over all query heads of its KV group (no atomics for GQA), and dQ is
-either added with fp32 atomics from the same program (default, 5 matmuls per block pair) or, when
-deterministic, computed by a second kernel that walks key blocks for each query block (7 matmuls, no
-atomics, bitwise reproducible). Grids index blocks by (segment, block) with early exit past a segment's
+per (key block, query head) accumulates dK, dV over the query blocks (with GQA into per-query-head
+buffers that torch sums over each group, FA2's scheme: no atomics), and dQ is either added with fp32
+atomics from the same program (default, 5 matmuls per block pair) or, when deterministic, computed by a
+second kernel that walks the key blocks of each query block (7 matmuls, no atomics, bitwise reproducible).
+Looping over a KV group inside one program instead spilled 0.4-0.5 KiB of registers per thread (sm_90). Grids index blocks by (segment, block) with early exit past a segment's
 end, so the host never reads cu_seqlens: no synchronisation. Offsets inside a segment are int32, so
 max_seqlen * Hq * D must stay below 2**31.
 """
@@ -46,7 +47,7 @@ class BlockConfig(NamedTuple):
 
 # Per padded head dim. Chosen by compiling candidates for sm_90 and sm_80 (tests/compile_check.py): fit
 # sm_80's 163 KiB of shared memory, give every tl.dot M >= 64 (wgmma's minimum), no register spills for
-# D <= 128 (D = 256 spills in the backward: 0.4-1 KiB per thread). Not yet timed on a GPU.
+# D <= 128 (D = 256 spills in the backward: 0.2-1 KiB per thread). Not yet timed on a GPU.
 # Causal masking needs fwd/dq block_m % block_n == 0 and dkdv block_n % block_m == 0.
 FWD_CONFIGS = {64: BlockConfig(128, 64, 4, 3), 128: BlockConfig(128, 64, 8, 3), 256: BlockConfig(64, 32, 8, 2)}
 DKDV_CONFIGS = {64: BlockConfig(64, 128, 8, 2), 128: BlockConfig(64, 64, 8, 2), 256: BlockConfig(64, 64, 8, 1)}
@@ -341,7 +342,9 @@ def varlen_attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, 
     delta = torch.empty_like(lse)
     launch(pre, (triton.cdiv(T, PREPROCESS_BLOCK), Hq), o, do, delta, T, *o.stride()[:2], *do.stride()[:2])
     # GQA: per-query-head partials, summed over each group below (FA2's scheme: no atomics, deterministic)
-    dk, dv = (torch.empty_like(q), torch.empty_like(q)) if Hq != Hkv else (torch.empty_like(k), torch.empty_like(v))
+    dk, dv = (torch.empty((T, Hq, D), dtype=k.dtype, device=k.device) for _ in range(2))
+    if Hq == Hkv:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
     # atomic dQ accumulates in fp32; the deterministic dQ kernel writes q's dtype directly
     dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     num_n = triton.cdiv(max_seqlen, dkdv.constexprs["BLOCK_N"])

@@ -36,6 +36,7 @@ class Launch(NamedTuple):
 
 class CompileReport(NamedTuple):
     kernel: str
+    dtype: str  # element type of the kernel's first pointer argument
     constexprs: dict
     capability: int
     num_warps: int
@@ -50,12 +51,13 @@ class CompileReport(NamedTuple):
 
     def row(self) -> str:
         consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
-        return (f"| sm_{self.capability} | {self.kernel} | {consts} | {self.num_warps}/{self.num_stages} | "
-                f"{self.registers} | {self.spill_bytes} | {self.shared} | {self.hgmma} | {self.hmma} |")
+        return (f"| sm_{self.capability} | {self.kernel} | {self.dtype} | {consts} | "
+                f"{self.num_warps}/{self.num_stages} | {self.registers} | {self.spill_bytes} | {self.shared} | "
+                f"{self.hgmma} | {self.hmma} |")
 
 
-TABLE_HEADER = ("| target | kernel | constexprs | warps/stages | registers | spill B | shared B | HGMMA | HMMA |\n"
-                "|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| target | kernel | dtype | constexprs | warps/stages | registers | spill B | shared B | HGMMA "
+                "| HMMA |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 @contextmanager
@@ -96,7 +98,8 @@ def compile_launch(launch: Launch, capability: int) -> CompileReport:
     sass, usage = dump_cubin(compiled.asm["cubin"])
     ttgir = compiled.asm["ttgir"]
     return CompileReport(
-        kernel=kernel.fn.__name__, constexprs=dict(launch.spec.constexprs), capability=capability,
+        kernel=kernel.fn.__name__, dtype=next(iter(signature.values())).lstrip("*"),
+        constexprs=dict(launch.spec.constexprs), capability=capability,
         num_warps=launch.spec.num_warps, num_stages=launch.spec.num_stages,
         registers=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"], shared=compiled.metadata.shared,
         ttgir_dots=len(re.findall(r"= tt\.dot ", ttgir)), wgmma_dots=len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
@@ -115,28 +118,28 @@ def dump_cubin(cubin: bytes) -> tuple[str, dict]:
     return sass, usage
 
 
-def varlen_attention_launches(dtypes=None, head_dims=(64, 128, 256, 80)) -> list[Launch]:
-    """Every distinct launch the varlen attention launchers make for fp16/bf16 (CUDA's dtypes), each head
-    dim bucket (80: a head dim below its power of two), causal or not, MHA or GQA, deterministic or not."""
+def varlen_attention_launches() -> list[Launch]:
+    """Every distinct launch the varlen attention launchers make for CUDA's dtypes (fp16, bf16) and head dim
+    buckets (64, 128, 256), plus head dim 80 in bf16 for the masked-column path of dims below a power of
+    two; each for MHA and GQA, causal or not, deterministic or not (those are runtime arguments)."""
     import importlib
 
     import torch
 
     va = importlib.import_module("mftcore.kernels.varlen_attention")
-
-    dtypes = dtypes or (torch.float16, torch.bfloat16)
+    cases = [(dtype, d) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)]
+    cases.append((torch.bfloat16, 80))
     cu = torch.tensor([0, 100, 300, 1024], dtype=torch.int32)
     launches, keys = [], set()
     with captured_launches(va) as seen:
-        for dtype in dtypes:
-            for d in head_dims:
-                for hq, hkv in ((8, 8), (8, 2)):
-                    q = torch.zeros(1024, hq, d, dtype=dtype)
-                    k = torch.zeros(1024, hkv, d, dtype=dtype)
-                    for causal in (True, False):
-                        o, lse = va.varlen_attention_forward(q, k, k, cu, 724, causal, d ** -0.5)
-                        for det in (False, True):
-                            va.varlen_attention_backward(o, q, k, k, o, lse, cu, 724, causal, d ** -0.5, det)
+        for dtype, d in cases:
+            for hq, hkv in ((8, 8), (8, 2)):
+                q = torch.zeros(1024, hq, d, dtype=dtype)
+                k = torch.zeros(1024, hkv, d, dtype=dtype)
+                for causal in (True, False):
+                    o, lse = va.varlen_attention_forward(q, k, k, cu, 724, causal, d ** -0.5)
+                    for det in (False, True):
+                        va.varlen_attention_backward(o, q, k, k, o, lse, cu, 724, causal, d ** -0.5, det)
     for launch in seen:
         key = launch_key(launch)
         if key not in keys:

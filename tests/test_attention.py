@@ -29,8 +29,8 @@ FAMILIES = {  # tiny configs; rotary everywhere (GPT-NeoX: on a quarter of each 
 
 def make_models(family, **overrides):
     """The same weights twice: mftcore_varlen and sdpa."""
-    config = AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, vocab_size=VOCAB, **{**FAMILIES[family], **overrides})
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+    config = AutoConfig.for_model(family, **{**sizes, **FAMILIES[family], **overrides})
     torch.manual_seed(0)
     # from_config keeps the config object: each model needs its own, or the second backend wins for both
     varlen = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="mftcore_varlen").eval()
@@ -157,3 +157,35 @@ def test_training_losses_equal_sdpa_on_padded_batches(tiny_config):
             losses[attn] = [json.loads(line)["loss"] for line in f]
     assert len(losses["sdpa"]) == 3
     assert losses["mftcore_varlen"] == pytest.approx(losses["sdpa"], rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_packed_decoder_runs_the_kernels_without_host_syncs():
+    """bf16 Llama on the Triton kernels: per-document outputs as under SDPA alone, and a forward plus
+    backward through every layer with torch's sync debug mode set to error (inputs_embeds: the embedding
+    backward is outside the attention path and not ours)."""
+    from mftcore.model import decoder
+
+    varlen, sdpa = (m.to("cuda", torch.bfloat16) for m in make_models("llama", hidden_size=256))
+    docs = [torch.randint(0, VOCAB, (n,), device="cuda") for n in (300, 1, 77, 150)]
+    batch = packed_batch([d.cpu() for d in docs]).to("cuda")
+    packed = hidden_states(varlen, batch)[0]
+    start = 0
+    for doc in docs:
+        alone = hidden_states(sdpa, packed_batch([doc.cpu()]).to("cuda"))[0]
+        torch.testing.assert_close(packed[start:start + len(doc)].float(), alone.float(), atol=5e-2, rtol=5e-2)
+        start += len(doc)
+    embeds = varlen.get_input_embeddings()(batch.input_ids).detach().requires_grad_()
+
+    def step():
+        out = decoder(varlen)(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False,
+                              **attention.varlen_kwargs(batch)).last_hidden_state
+        out.float().square().sum().backward()
+
+    step()  # compiles the kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

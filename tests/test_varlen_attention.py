@@ -89,6 +89,8 @@ def test_every_launch_compiles_for_sm90_and_sm80_with_wgmma_on_hopper():
     launches = compile_check.varlen_attention_launches()
     kernels = {launch.spec.kernel.fn.__name__ for launch in launches}
     assert kernels == {"_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    # 7 (dtype, head dim) cases x 5 kernels: causal, GQA and sizes do not multiply the binaries
+    assert len(launches) == 35
     jobs = [(launch, cap) for launch in launches for cap in (90, 80)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # ptxas and LLVM release the GIL
         reports = list(pool.map(lambda job: compile_check.compile_launch(*job), jobs))
@@ -142,8 +144,7 @@ def test_bench_adapts_to_varlen_attn_signatures():
 def test_gpu_matches_reference(dtype, deterministic):
     errors = bench.compare_with_reference([1, 127, 128, 129, 700, 2048, 3, 300], heads=(8, 2), head_dim=128,
                                           dtype=dtype, deterministic=deterministic)
-    for name, (ours, baseline) in errors.items():
-        assert ours <= 2 * baseline + 1e-4, f"{name}: {ours} vs the reference in {dtype}: {baseline}"
+    assert all(e["ok"] for e in errors.values()), errors
 
 
 @pytest.mark.gpu
@@ -152,8 +153,7 @@ def test_gpu_matches_reference(dtype, deterministic):
 def test_gpu_other_head_dims(head_dim):
     errors = bench.compare_with_reference([5, 64, 333], heads=(4, 4), head_dim=head_dim, dtype=torch.bfloat16,
                                           deterministic=False, causal=False)
-    for name, (ours, baseline) in errors.items():
-        assert ours <= 2 * baseline + 1e-4, f"{name}: {ours} vs {baseline}"
+    assert all(e["ok"] for e in errors.values()), errors
 
 
 @pytest.mark.gpu
@@ -163,15 +163,15 @@ def test_gpu_deterministic_is_bitwise_and_nothing_syncs():
     q, k, v = (torch.randn(3001, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
     do, cu = torch.randn_like(q), cu_of(lengths, "cuda")
 
-    def grads():
-        o = varlen_attention(q, k, v, cu, 2000, deterministic=True)
+    def grads(deterministic):
+        o = varlen_attention(q, k, v, cu, 2000, deterministic=deterministic)
         return torch.autograd.grad(o, (q, k, v), do)
 
-    first = grads()  # compiles outside the sync check
+    first, _ = grads(True), grads(False)  # compile both variants outside the sync check
     torch.cuda.set_sync_debug_mode("error")
     try:
-        second = grads()
-        varlen_attention(q, k, v, cu, 2000, deterministic=False).backward(do)
+        second = grads(True)
+        grads(False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
