@@ -11,7 +11,8 @@ TFLOP/s count 4 * sum(L_i^2) * H * D for the forward (halved when causal) and 2.
 the backward time is (forward + backward) - forward. Medians of triton.testing.do_bench on random data.
 
 CPU part: `python bench/bench_varlen_attention.py` times the reference (SDPA per document) against one
-SDPA call with a dense block-diagonal mask on small shapes.
+SDPA call with a dense block-diagonal mask on small shapes (2048 tokens, 8/2 heads, head dim 64, one
+thread): 10 ms vs 290 ms for 28 documents of 16-128 tokens, 93 ms vs 300 ms for 3 of 128-1024.
 """
 
 from __future__ import annotations
@@ -237,4 +238,5 @@ if __name__ == "__main__":
     if torch.cuda.is_available():
         print(json.dumps({"correctness": gpu_correctness(), "benchmarks": gpu_benchmarks()}, indent=1))
     else:
+        torch.set_num_threads(1)  # on 2 shared cores, threaded timings measure the neighbours, not the code
         print(json.dumps(cpu_benchmarks(), indent=1))
