@@ -7,5 +7,7 @@ if __name__ != "mftcore.kernels":
     __file__ = None
 else:
     from mftcore.kernels.cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy, masked_cross_entropy
+    # the function shadows its module here: reach the module as sys.modules["mftcore.kernels.varlen_attention"]
+    from mftcore.kernels.varlen_attention import varlen_attention
 
-    __all__ = ["CrossEntropyOutput", "fused_linear_cross_entropy", "masked_cross_entropy"]
+    __all__ = ["CrossEntropyOutput", "fused_linear_cross_entropy", "masked_cross_entropy", "varlen_attention"]

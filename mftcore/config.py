@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -62,8 +64,8 @@ class TrainConfig:
     """mftcore: tokenizer directory (default: pretrained_model_path)."""
     model_type: Optional[str] = None
     """Model family in MFTCoder's names (llama, deepseek, starcoder, ...); checked against the checkpoint."""
-    attn_implementation: str = "sdpa"
-    """Attention backend passed to transformers: "sdpa" or "eager"."""
+    attn_implementation: Optional[str] = None
+    """eager, sdpa, flash_attention_2, mftcore_varlen; null: mftcore_varlen if packing, else sdpa."""
     peft_type: Optional[str] = None
     """Null for full fine-tuning, "lora", or "qlora" (LoRA on a 4-bit NormalFloat base)."""
     trust_remote_code: bool = False
@@ -289,7 +291,6 @@ class TrainConfig:
             "long_sample_policy": ("truncate", "drop"),
             "weighted_loss_mode": ("case1", "case2", "case3", "case4"),
             "lr_scheduler_type": ("cosine", "constant", "linear", "constant_with_warmup"),
-            "attn_implementation": ("sdpa", "eager"),
             "tokenize_mode": ("sft",),
         }
         choices["weighted_loss_mode"] += DYNAMIC_WEIGHTING_MODES
@@ -297,6 +298,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"{getattr(self, key)!r} is not supported (choose from {', '.join(allowed)})")
+        self.attn_implementation = resolve_attn_implementation(self.attn_implementation, self.padding_mode, source)
         if not self.load_raw_dataset:
             bad("load_raw_dataset", "only raw JSONL data is supported (true)")
         self.validate_mftcoder_keys(bad, source)
@@ -365,6 +367,24 @@ def _is_one(value) -> bool:
         return float(value) == 1.0
     except (TypeError, ValueError):
         return False
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "mftcore_varlen")
+
+
+def resolve_attn_implementation(value: Optional[str], padding_mode: str, source: str = "config") -> str:
+    """null/"auto" -> mftcore_varlen for packed rows (documents must not see each other), else sdpa."""
+    if value in (None, "auto"):
+        return "mftcore_varlen" if padding_mode == "pack" else "sdpa"
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"{source}: attn_implementation: {value!r} is not supported "
+                          f"(choose from {', '.join(ATTN_IMPLEMENTATIONS)}, or null for auto)")
+    if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        # MFTCoder's configs ask for FA2; mftcore_varlen computes the same exact attention over the same
+        # cu_seqlens, so those configs run unchanged where flash_attn cannot be installed.
+        warnings.warn(f"{source}: attn_implementation: flash_attn is not installed; using mftcore_varlen instead")
+        return "mftcore_varlen"
+    return value
 
 
 def parse_value(text: str) -> Any:

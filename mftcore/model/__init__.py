@@ -9,6 +9,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mftcore.errors import ConfigError
 from mftcore.model.families import check_loss_compatible, check_model_matches, resolve_eos_token
+from mftcore.model.attention import ATTN_IMPLEMENTATION, varlen_kwargs  # registers "mftcore_varlen"
+
+# Backends that take the Batch's segments as cu_seqlens kwargs instead of an attention mask.
+VARLEN_BACKENDS = (ATTN_IMPLEMENTATION, "flash_attention_2")
 
 
 def load_tokenizer(cfg):
@@ -86,11 +90,15 @@ def lm_head(model):
 def run_decoder(model, batch, **decoder_kwargs):
     """The decoder's HF output for the batch (router logits too with output_router_logits=True)."""
     lm = causal_lm(model)
-    mask = batch.attention_mask
-    if mask is None:  # packed rows: keep documents apart on the stock backends
-        mask = packed_attention_mask(batch, lm.config._attn_implementation, lm.dtype)
-    return decoder(model)(input_ids=batch.input_ids, attention_mask=mask,
-                          position_ids=batch.position_ids, use_cache=False, **decoder_kwargs)
+    backend = lm.config._attn_implementation
+    if backend in VARLEN_BACKENDS:  # documents (and padding runs) from cu_seqlens: no mask at all
+        segments = varlen_kwargs(batch)
+    elif batch.attention_mask is not None:
+        segments = dict(attention_mask=batch.attention_mask)
+    else:  # packed rows on the stock backends: a block-diagonal mask keeps documents apart
+        segments = dict(attention_mask=packed_attention_mask(batch, backend, lm.dtype))
+    return decoder(model)(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                          **segments, **decoder_kwargs)
 
 
 def hidden_states(model, batch) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""Compile Triton kernels for GPUs on a machine without one, and read back what ptxas made of them.
+
+A kernel module routes every launch through a module-level `launch(spec, grid, *args)`; `captured_launches`
+swaps it for a recorder, so calling the module's launchers with CPU tensors lists the exact kernels,
+compile-time constants and runtime arguments a GPU run would use. `compile_launch` then specialises the
+arguments with the JIT's own binder (same signature, constexprs and divisibility attributes as a real
+launch) and compiles for a GPUTarget: PTX and cubin come out here, and the cuobjdump in Triton's wheel
+gives SASS and the resource usage (registers, spills).
+
+    python tests/compile_check.py     # prints the varlen attention table (bench/results/ keeps a copy)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+# Largest dynamic shared memory one block may opt into: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+class Launch(NamedTuple):
+    spec: object  # the module's LaunchSpec: kernel, constexprs, num_warps, num_stages
+    args: tuple
+
+
+class CompileReport(NamedTuple):
+    kernel: str
+    dtype: str  # element type of the kernel's first pointer argument
+    constexprs: dict
+    capability: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int  # local memory per thread: register spills
+    shared: int  # bytes of shared memory per block
+    ttgir_dots: int  # tt.dot left after the GPU passes (MMAv2 or FMA)
+    wgmma_dots: int  # ttng.warp_group_dot in TTGIR (Hopper wgmma)
+    hgmma: int  # HGMMA instructions in SASS
+    hmma: int  # HMMA instructions in SASS (Ampere-style mma.sync)
+
+    def row(self) -> str:
+        consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
+        return (f"| sm_{self.capability} | {self.kernel} | {self.dtype} | {consts} | "
+                f"{self.num_warps}/{self.num_stages} | {self.registers} | {self.spill_bytes} | {self.shared} | "
+                f"{self.hgmma} | {self.hmma} |")
+
+
+TABLE_HEADER = ("| target | kernel | dtype | constexprs | warps/stages | registers | spill B | shared B | HGMMA "
+                "| HMMA |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+@contextmanager
+def captured_launches(module):
+    """Within the block, module.launch records Launch(spec, args) into the yielded list instead of running."""
+    seen: list[Launch] = []
+    original = module.launch
+    module.launch = lambda spec, grid, *args: seen.append(Launch(spec, args))
+    try:
+        yield seen
+    finally:
+        module.launch = original
+
+
+def launch_key(launch: Launch, capability: int = 90) -> tuple:
+    """What makes two launches compile to the same binary: kernel, constants, options and specialisation."""
+    signature, constexprs, attrs, options = specialise(launch, capability)
+    return (launch.spec.kernel.fn.__name__, tuple(sorted(signature.items())),
+            tuple(sorted(map(str, constexprs.items()))), tuple(sorted(map(str, attrs.items()))),
+            launch.spec.num_warps, launch.spec.num_stages)
+
+
+def specialise(launch: Launch, capability: int):
+    """signature, constexprs, attrs, options exactly as the JIT derives them from these arguments."""
+    kernel, backend = launch.spec.kernel, make_backend(GPUTarget("cuda", capability, 32))
+    kwargs = dict(launch.spec.constexprs, num_warps=launch.spec.num_warps, num_stages=launch.spec.num_stages)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(launch: Launch, capability: int) -> CompileReport:
+    signature, constexprs, attrs, options = specialise(launch, capability)
+    kernel = launch.spec.kernel
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", capability, 32), options=options.__dict__)
+    sass, usage = dump_cubin(compiled.asm["cubin"])
+    ttgir = compiled.asm["ttgir"]
+    return CompileReport(
+        kernel=kernel.fn.__name__, dtype=next(iter(signature.values())).lstrip("*"),
+        constexprs=dict(launch.spec.constexprs), capability=capability,
+        num_warps=launch.spec.num_warps, num_stages=launch.spec.num_stages,
+        registers=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"], shared=compiled.metadata.shared,
+        ttgir_dots=len(re.findall(r"= tt\.dot ", ttgir)), wgmma_dots=len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)))
+
+
+def dump_cubin(cubin: bytes) -> tuple[str, dict]:
+    """SASS text and the resource usage line (REG, STACK, SHARED, LOCAL, ...) of a one-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([CUOBJDUMP, "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+    return sass, usage
+
+
+def varlen_attention_launches() -> list[Launch]:
+    """Every distinct launch the varlen attention launchers make for CUDA's dtypes (fp16, bf16) and head dim
+    buckets (64, 128, 256), plus head dim 80 in bf16 for the masked-column path of dims below a power of
+    two; each for MHA and GQA, causal or not, deterministic or not (those are runtime arguments)."""
+    import importlib
+
+    import torch
+
+    va = importlib.import_module("mftcore.kernels.varlen_attention")
+    cases = [(dtype, d) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)]
+    cases.append((torch.bfloat16, 80))
+    cu = torch.tensor([0, 100, 300, 1024], dtype=torch.int32)
+    launches, keys = [], set()
+    with captured_launches(va) as seen:
+        for dtype, d in cases:
+            for hq, hkv in ((8, 8), (8, 2)):
+                q = torch.zeros(1024, hq, d, dtype=dtype)
+                k = torch.zeros(1024, hkv, d, dtype=dtype)
+                for causal in (True, False):
+                    o, lse = va.varlen_attention_forward(q, k, k, cu, 724, causal, d ** -0.5)
+                    for det in (False, True):
+                        va.varlen_attention_backward(o, q, k, k, o, lse, cu, 724, causal, d ** -0.5, det)
+    for launch in seen:
+        key = launch_key(launch)
+        if key not in keys:
+            keys.add(key)
+            launches.append(launch)
+    return launches
+
+
+if __name__ == "__main__":
+    print(TABLE_HEADER)
+    for launch in varlen_attention_launches():
+        for cap in (90, 80):
+            print(compile_launch(launch, cap).row(), flush=True)

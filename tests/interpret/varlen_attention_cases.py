@@ -1,0 +1,174 @@
+"""The Triton varlen attention kernels, run on CPU by Triton's interpreter.
+
+Not collected by the main suite (the file name does not start with test_): tests/test_varlen_attention.py
+runs it in a subprocess with TRITON_INTERPRET=1, which must be set before triton is imported.
+Tolerances: fp32 against a float64 oracle to 2e-5; fp16 to 5e-3 (fp16 rounds P before P @ V, as on a GPU).
+
+The interpreter's tl.dot runs numpy's generic matmul loop (~15 ms for 128x64x64), so most cases run the
+kernels with small blocks (SMALL) and document lengths that cross them; the cases marked "GPU blocks"
+keep the launcher's own block sizes. The kernel code is the same either way: blocks are constexprs.
+"""
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+from mftcore.data.batch import Batch
+from mftcore.kernels import varlen_attention  # noqa: F401 - imports the module below
+
+va = sys.modules["mftcore.kernels.varlen_attention"]
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("run with TRITON_INTERPRET=1 (tests/test_varlen_attention.py does)")
+
+SMALL = {"FWD_CONFIGS": va.BlockConfig(32, 16, 4, 1), "DKDV_CONFIGS": va.BlockConfig(16, 32, 4, 1),
+         "DQ_CONFIGS": va.BlockConfig(32, 16, 4, 1)}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(request, monkeypatch):
+    """Small blocks unless the test's parameter names "GPU blocks"."""
+    if "GPU blocks" not in request.node.name:
+        for table, cfg in SMALL.items():
+            monkeypatch.setattr(va, table, {d: cfg for d in getattr(va, table)})
+
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def make_inputs(lengths, hq, hkv, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu, torch.randn(T, hq, d, generator=g).to(dtype)
+
+
+def run(q, k, v, cu, max_seqlen, do, **kwargs):
+    """Output and (dq, dk, dv) of the Triton path."""
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    assert va.uses_triton(q)
+    o = va.varlen_attention(q, k, v, cu, max_seqlen, **kwargs)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+def oracle(q, k, v, cu, do, causal):
+    """The reference in float64: per-document SDPA."""
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    o = va.varlen_attention_reference(q, k, v, cu, causal=causal)
+    return (o, *torch.autograd.grad(o, (q, k, v), do.double()))
+
+
+CASES = {  # name: (document lengths, Hq, Hkv, head dim, causal, dtype, deterministic)
+    "one document, causal": ([75], 2, 2, 64, True, torch.float32, False),
+    "one document, not causal": ([75], 2, 2, 64, False, torch.float32, True),
+    "many tiny documents, GQA": ([1, 2, 3, 1, 5, 4, 1, 7, 2, 1, 9], 4, 2, 32, True, torch.float32, False),
+    "length-1 documents, MQA, fp16": ([1, 1, 1, 1, 1], 4, 1, 32, True, torch.float16, True),
+    "block edges, GQA, fp16": ([15, 16, 17, 32, 33, 1], 4, 2, 64, True, torch.float16, False),
+    "block edges, not causal, head dim 80": ([15, 17, 33, 2], 2, 1, 80, False, torch.float32, False),
+    "padded rows, head dim 128": ([35, 29, 64, 50, 14], 2, 2, 128, True, torch.float32, True),
+    "GPU blocks, block edges, GQA": ([63, 64, 65, 129, 1], 2, 1, 64, True, torch.float32, False),
+    "GPU blocks, long document, fp16": ([300, 1], 2, 1, 64, True, torch.float16, True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_output_and_gradients_match_reference(name):
+    lengths, hq, hkv, d, causal, dtype, det = CASES[name]
+    q, k, v, cu, do = make_inputs(lengths, hq, hkv, d, dtype)
+    got = run(q, k, v, cu, max(lengths), do, causal=causal, deterministic=det)
+    want = oracle(q, k, v, cu, do, causal)
+    for label, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape, label
+        torch.testing.assert_close(a.double(), b, **TOL[dtype], msg=lambda m: f"{name}: {label}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, computing the poisoned document itself
+def test_no_read_across_a_document_boundary():
+    """NaN in the middle document: a load that crossed into it would spread NaN to its neighbours."""
+    lengths = [33, 20, 40]
+    q, k, v, cu, do = make_inputs(lengths, 2, 1, 64, torch.float32, seed=1)
+    poisoned = slice(33, 53)
+    for x in (q, k, v, do):
+        x[poisoned] = float("nan")
+    for det in (False, True):
+        got = run(q, k, v, cu, max(lengths), do, deterministic=det)
+        for part in (slice(0, 33), slice(53, 93)):
+            sub_cu = torch.tensor([0, part.stop - part.start], dtype=torch.int32)
+            want = oracle(q[part], k[part], v[part], sub_cu, do[part], True)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a[part].double(), b, **TOL[torch.float32])
+
+
+def test_deterministic_backward_is_bitwise_reproducible_and_agrees():
+    q, k, v, cu, do = make_inputs([50, 17, 40], 4, 2, 64, torch.float16, seed=2)
+    first = run(q, k, v, cu, 50, do, deterministic=True)
+    second = run(q, k, v, cu, 50, do, deterministic=True)
+    atomic = run(q, k, v, cu, 50, do, deterministic=False)
+    for a, b, c in zip(first, second, atomic):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=2e-3, rtol=2e-3)
+
+
+def test_deterministic_follows_torch_flag():
+    q, k, v, cu, do = make_inputs([50, 30], 2, 2, 64, torch.float32, seed=3)
+    torch.use_deterministic_algorithms(True)
+    try:
+        flagged = run(q, k, v, cu, 50, do)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    explicit = run(q, k, v, cu, 50, do, deterministic=True)
+    for a, b in zip(flagged, explicit):
+        assert torch.equal(a, b)
+
+
+def test_segment_checks_run_before_the_kernel():
+    q, k, v, cu, do = make_inputs([10, 20], 2, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="max_seqlen=10 is shorter than a segment of 20"):
+        va.varlen_attention(q, k, v, cu, 10)
+    with pytest.raises(ValueError, match="rise from 0 to T=30"):
+        va.varlen_attention(q, k, v, torch.tensor([0, 10, 25], dtype=torch.int32), 20)
+
+
+def test_tiny_llama_packed_row_matches_documents_alone():
+    """Through HF: a packed row on the Triton kernels gives each document's logits and gradients alone
+    (under SDPA, another model with the same weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mftcore.model import hidden_states
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    torch.manual_seed(0)
+    packed_model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="mftcore_varlen")
+    alone_model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")  # its own config object
+    alone_model.load_state_dict(packed_model.state_dict())
+    assert packed_model.config._attn_implementation == "mftcore_varlen"
+    packed_model.eval(), alone_model.eval()
+    docs = [torch.randint(0, 97, (n,)) for n in (13, 1, 30, 6)]
+
+    def forward(model, ids_list):
+        ids = torch.cat(ids_list)[None]
+        pos = torch.cat([torch.arange(len(x)) for x in ids_list])[None]
+        cu = torch.tensor([0, *torch.tensor([len(x) for x in ids_list]).cumsum(0).tolist()], dtype=torch.int32)
+        batch = Batch(ids, ids, ids, pos, cu, max(len(x) for x in ids_list))
+        return model.lm_head(hidden_states(model, batch))[0]
+
+    probe = torch.randn(sum(len(x) for x in docs), 97)
+    packed = forward(packed_model, docs)
+    grads = torch.autograd.grad((packed * probe).sum(), list(packed_model.parameters()))
+    alone_logits, start = [], 0
+    alone_grads = [torch.zeros_like(g) for g in grads]
+    for doc in docs:
+        logits = forward(alone_model, [doc])
+        alone_logits.append(logits)
+        for acc, g in zip(alone_grads, torch.autograd.grad((logits * probe[start:start + len(doc)]).sum(),
+                                                           list(alone_model.parameters()))):
+            acc += g
+        start += len(doc)
+    torch.testing.assert_close(packed, torch.cat(alone_logits), atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, alone_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

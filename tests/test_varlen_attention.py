@@ -1,0 +1,183 @@
+"""Varlen attention: the reference, the Triton kernels in the interpreter (a subprocess), their compilation
+for sm_90/sm_80 without a GPU, the benchmark's helpers, and GPU checks (marked gpu)."""
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from mftcore.kernels import varlen_attention
+
+va = sys.modules["mftcore.kernels.varlen_attention"]  # the module; the package exports its function
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_varlen_attention as bench  # noqa: E402
+import compile_check  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cu_of(lengths, device="cpu"):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def dense_oracle(q, k, v, lengths, causal):
+    """Attention over all T tokens with an explicit block-diagonal mask: a second, independent oracle."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    mask = doc[:, None] == doc[None, :]
+    if causal:
+        mask &= pos[:, None] >= pos[None, :]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("hqk,khd->qhd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_block_diagonal_attention(causal):
+    lengths = [1, 7, 3, 12, 1]
+    q, k, v = (torch.randn(24, h, 16, dtype=torch.float64) for h in (4, 2, 2))
+    out = varlen_attention(q, k, v, cu_of(lengths), 12, causal=causal)  # CPU, no interpreter: the reference
+    torch.testing.assert_close(out, dense_oracle(q, k, v, lengths, causal))
+
+
+def test_cpu_dispatch_is_the_reference_and_scale_applies():
+    q = torch.randn(10, 2, 8)
+    assert not va.uses_triton(q) and not va.uses_triton(q.half())  # no TRITON_INTERPRET in this process
+    cu = cu_of([4, 6])
+    scaled = varlen_attention(q, q, q, cu, 6, softmax_scale=0.3)
+    torch.testing.assert_close(scaled, varlen_attention(q * 0.3 / 8 ** -0.5, q, q, cu, 6))
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(k=torch.randn(10, 3, 8), v=torch.randn(10, 3, 8)), "multiple of key/value heads"),
+    (dict(q=torch.randn(10, 2, 300), k=torch.randn(10, 2, 300), v=torch.randn(10, 2, 300)), "head dim 300"),
+    (dict(v=torch.randn(10, 2, 8).half()), "share a dtype"),
+    (dict(cu=torch.tensor([0, 10])), "int32"),
+    (dict(max_seqlen=torch.tensor(10)), "host int"),
+    (dict(cu=torch.tensor([0, 4, 9], dtype=torch.int32)), "rise from 0 to T=10"),
+    (dict(max_seqlen=5), "max_seqlen=5 is shorter than a segment of 6"),
+])
+def test_bad_inputs_are_named(args, message):
+    inputs = dict(q=torch.randn(10, 4, 8), k=torch.randn(10, 2, 8), v=torch.randn(10, 2, 8), cu=cu_of([4, 6]),
+                  max_seqlen=6)
+    inputs.update(args)
+    with pytest.raises(ValueError, match=message):
+        varlen_attention(inputs["q"], inputs["k"], inputs["v"], inputs["cu"], inputs["max_seqlen"])
+
+
+def test_triton_kernels_in_the_interpreter():
+    """tests/interpret/varlen_attention_cases.py under TRITON_INTERPRET=1, which must precede importing
+    triton, hence its own process; the suite's other tests keep the compiled (or reference) paths."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join(ROOT, "tests", "interpret", "varlen_attention_cases.py")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 14 and not re.search(r"skipped|xfail|deselected|error", summary), \
+        summary
+
+
+def test_every_launch_compiles_for_sm90_and_sm80_with_wgmma_on_hopper():
+    """Every kernel x configuration the launchers pick (head dims 64/128/256 and 80, fp16/bf16, MHA/GQA,
+    causal or not, deterministic or not; captured from the launchers themselves) compiles for H100 and
+    A100; on sm_90 every tl.dot is a wgmma (HGMMA in SASS, no HMMA), on sm_80 an mma.sync (HMMA); shared
+    memory fits each. Registers and spills: python tests/compile_check.py (copy in bench/results/)."""
+    launches = compile_check.varlen_attention_launches()
+    kernels = {launch.spec.kernel.fn.__name__ for launch in launches}
+    assert kernels == {"_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    # 7 (dtype, head dim) cases x 5 kernels: causal, GQA and sizes do not multiply the binaries
+    assert len(launches) == 35
+    jobs = [(launch, cap) for launch in launches for cap in (90, 80)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # ptxas and LLVM release the GIL
+        reports = list(pool.map(lambda job: compile_check.compile_launch(*job), jobs))
+    for r in reports:
+        where = f"{r.kernel} {r.constexprs} sm_{r.capability}"
+        assert 0 < r.shared <= compile_check.SHARED_LIMIT[r.capability], where
+        assert r.registers <= 255, where
+        if r.constexprs["D_PAD"] <= 128:  # D = 256 spills (bench/results/compile_varlen_attention.md)
+            assert r.spill_bytes <= 8, f"{where}: {r.spill_bytes} bytes of spills per thread"
+        if r.kernel == "_bwd_preprocess_kernel":
+            assert r.hgmma == r.hmma == r.wgmma_dots == r.ttgir_dots == 0, where
+        elif r.capability == 90:
+            assert r.ttgir_dots == 0 and r.wgmma_dots > 0 and r.hgmma > 0 and r.hmma == 0, where
+        else:
+            assert r.hmma > 0 and r.hgmma == 0, where
+
+
+# ------------------------------------------------------------------------------ benchmark helpers
+
+def test_bench_lengths_flops_and_document_mask():
+    lengths = bench.packed_lengths(8192, 128, 4096, seed=0)
+    assert sum(lengths) == 8192 and all(1 <= n <= 4096 for n in lengths) and min(lengths[:-1]) >= 128
+    assert bench.packed_lengths(8192, 128, 4096, seed=0) == lengths
+    # 4 * sum(L^2) * H * D, halved when causal; backward 2.5x
+    assert bench.attention_flops([2, 3], heads=4, head_dim=8, causal=False) == 4 * 13 * 4 * 8
+    assert bench.attention_flops([2, 3], heads=4, head_dim=8, causal=True, mode="bwd") == 2.5 * 2 * 13 * 4 * 8
+    doc = bench.document_ids([2, 3], "cpu")
+    qi, ki = torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")
+    mask = bench.document_mask_mod(doc)(0, 0, qi, ki)
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    assert torch.equal(mask, expected.bool())
+
+
+def test_bench_adapts_to_varlen_attn_signatures():
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        pass
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False):
+        pass
+
+    assert bench.varlen_attn_kwargs(old, causal=True, scale=0.1, gqa=True) == ({"is_causal": True}, True)
+    assert bench.varlen_attn_kwargs(new, causal=True, scale=0.1, gqa=True) == (
+        {"window_size": (-1, 0), "scale": 0.1, "enable_gqa": True}, False)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_matches_reference(dtype, deterministic):
+    errors = bench.compare_with_reference([1, 127, 128, 129, 700, 2048, 3, 300], heads=(8, 2), head_dim=128,
+                                          dtype=dtype, deterministic=deterministic)
+    assert all(e["ok"] for e in errors.values()), errors
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 80, 256])
+def test_gpu_other_head_dims(head_dim):
+    errors = bench.compare_with_reference([5, 64, 333], heads=(4, 4), head_dim=head_dim, dtype=torch.bfloat16,
+                                          deterministic=False, causal=False)
+    assert all(e["ok"] for e in errors.values()), errors
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_deterministic_is_bitwise_and_nothing_syncs():
+    lengths = [100, 2000, 1, 900]
+    q, k, v = (torch.randn(3001, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
+    do, cu = torch.randn_like(q), cu_of(lengths, "cuda")
+
+    def grads(deterministic):
+        o = varlen_attention(q, k, v, cu, 2000, deterministic=deterministic)
+        return torch.autograd.grad(o, (q, k, v), do)
+
+    first, _ = grads(True), grads(False)  # compile both variants outside the sync check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = grads(True)
+        grads(False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
