@@ -197,10 +197,11 @@ def run_mode(mode: Mode, model_config: dict, samples, *, vocab_size: int, pad_id
 def compare(model_config: dict, samples, *, repeats: int = 1, **kwargs) -> dict:
     """Both modes on the same samples, alternating `repeats` times; the fastest epoch of each counts
     (the machine is shared: the least disturbed run is the closest to the truth)."""
-    best = {}
+    best, seconds = {}, {m.name: [] for m in MODES}
     for _ in range(repeats):
         for mode in MODES:
             r = run_mode(mode, model_config, samples, **kwargs)
+            seconds[mode.name].append(round(r["seconds"], 3))
             print(f"train_step: {mode.name}: {r['steps']} steps, {r['tokens']} tokens in {r['seconds']:.2f} s",
                   file=sys.stderr, flush=True)  # minutes on a CPU: show it moving
             if mode.name not in best or r["seconds"] < best[mode.name]["seconds"]:
@@ -208,7 +209,7 @@ def compare(model_config: dict, samples, *, repeats: int = 1, **kwargs) -> dict:
     rows = [best[m.name] for m in MODES]
     same = all(rows[0][k] == rows[1][k] for k in ("tokens", "loss_tokens"))  # the same work in both modes
     return {"rows": rows, "speedup": rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], "same_tokens": same,
-            "samples": len(samples), "repeats": repeats,
+            "samples": len(samples), "repeats": repeats, "epoch_seconds_of_each_repeat": seconds,
             "settings": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in kwargs.items()}}
 
 
