@@ -1,33 +1,37 @@
 """Every GPU check and benchmark in one call of under 8 minutes; the results in one JSON file.
 
 On a GPU machine with the image's own packages (torch 2.11, triton 3.6, transformers 5.17, pybind11,
-cmake; no network), from the repository root:
+cmake, setuptools; no network), from the repository root, with the image's python3:
 
-    pip install --no-build-isolation --no-deps -e . && PYTHONUNBUFFERED=1 python bench/gpu_check.py --results-dir "$OUT"
+    python3 -m pip install --no-build-isolation --no-deps -e . &&
+        PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --results-dir "$OUT"
 
 The install builds mftcore._packing in place with the image's compiler and registers the checkout (with
-kernels/ as mftcore.kernels) without touching torch or triton; nothing is downloaded. Then, in order,
-each stage timed and recorded as ok / failed / error / timeout / skipped (with the reason):
+kernels/ as mftcore.kernels) without touching torch or triton and without the network (checked offline
+on the CPU machine: PIP_NO_INDEX=1, a fresh venv over the system's packages, 8 s). Then, in order, each
+stage timed and recorded as ok / failed / error / timeout / skipped (with the reason):
   environment   versions, the device, the C++ extension, the optional packages found (liger-kernel,
                 flash-attn, ...: a missing one only drops its rows from the benchmarks)
   pytest_gpu    `pytest -m gpu tests` in a subprocess: every GPU-marked test, counted from its JUnit XML
-  CHECKS        each bench module's gpu_correctness() and gpu_benchmarks(), then the end-to-end train
-                step (bench_train_step.gpu_benchmarks): a module this build lacks is skipped, so the list
-                names the ones still to be merged
+  CHECKS        each bench module's gpu_correctness() and gpu_benchmarks(), and the end-to-end train
+                step (bench_train_step.gpu_benchmarks); a module this build lacks is skipped, so the list
+                already names bench_varlen_attention (issue 5)
 The file is <results-dir>/<device>.json, e.g. nvidia-h200.json (torch.cuda.get_device_name, as a file
 name), rewritten after every stage, so a run cut short still leaves what it measured; commit it as
 bench/results/<device>.json. A stage that would pass the time budget (--budget-s, 450 s: 8 minutes less
 the install and the start-up) is skipped, one that runs past what is left is stopped. Exit code 1 if a
 stage failed, errored or timed out.
 
-Optional packages the image lacks travel as wheels (the device tool's notes): e.g. liger-kernel, pure
-Python over triton, `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl
-liger-kernel==0.8.5`, then prefix the command with `pip install -q --no-index --no-deps --target
-/tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;`. A carried package that fails there is an error
-row of its benchmark, not a crash.
+A package the image lacks can travel as a wheel (the device tool's notes). liger-kernel 0.8.5 (pure
+Python, needs only torch and triton; its import path checked on the CPU) gives bench_cross_entropy its
+Liger row: here `echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all:
+--python-version 3.12 -d .whl liger-kernel==0.8.5`, and on the GPU (carry .whl) put
+`python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export
+PYTHONPATH=/tmp/site;` before the command above. A carried package that fails there is an error row of
+its benchmark, not a crash.
 
 --dry-run runs the same plumbing on the CPU with tiny shapes (tests/test_bench.py does, in CI); its file
-is dry-run-<cpu>.json. This script has never run on a GPU in the session that wrote it.
+is dry-run-<cpu>.json. This script has never run on a GPU: the session that wrote it had none.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -57,12 +61,11 @@ OPTIONAL = {"liger_kernel": "bench_cross_entropy's liger row", "flash_attn": "no
 
 @dataclass
 class Check:
-    """One call of a bench module's function: `estimate_s` on an H100/H200 (for the budget), and the
-    keyword arguments of its CPU smoke run for --dry-run (None: no CPU variant, skipped there)."""
+    """One call of a bench module's function, with its time on an H100/H200 as estimated for the budget
+    (the CPU smoke run's arguments, for --dry-run, are in dry_run_kwargs)."""
     module: str
     function: str
     estimate_s: float
-    dry_run: dict | None = field(default=None)
 
 
 def cpu_timer(fn, grad_to_none) -> float:
