@@ -265,6 +265,30 @@ def gpu_benchmarks(device="cuda", model_config=None, n_samples: int = 256, seq_l
     return result
 
 
+# --- pytest-benchmark (run explicitly: pytest bench/bench_train_step.py) ---
+# A round is a model build and one epoch of the training split on one thread, without warm-up steps
+# (packed warm-up steps are 5x the tokens of padded ones: they would tilt a whole-call timing).
+
+def _bench_cpu(benchmark, mode: Mode):
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as cache:
+        cfg, data, tokenizer = example_samples(os.path.join(ROOT, "configs", "tiny.json"), cache)
+        kwargs = dict(vocab_size=len(tokenizer), pad_id=tokenizer.eos_token_id, seq_length=cfg.seq_length,
+                      batch_size=cfg.per_device_train_batch_size, num_tasks=len(data.names), warmup_steps=0)
+        result = benchmark.pedantic(run_mode, args=(mode, cfg.model_config, list(data.train)), kwargs=kwargs,
+                                    rounds=3, iterations=1)
+    benchmark.group = "train step, tiny model, one epoch of the sample data"
+    benchmark.extra_info.update({k: result[k] for k in ("tokens", "tokens_per_s", "padding_fraction")})
+
+
+def test_cpu_packed_fused(benchmark):
+    _bench_cpu(benchmark, MODES[0])
+
+
+def test_cpu_padded_eager(benchmark):
+    _bench_cpu(benchmark, MODES[1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["cpu", "gpu"])
