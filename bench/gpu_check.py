@@ -52,9 +52,8 @@ from dataclasses import dataclass
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-sys.path.insert(0, BENCH)  # the bench modules import each other's helpers by name
 sys.path.append(ROOT)  # mftcore's pure-Python modules even before the install (the environment stage says so)
-BUILD_COMMAND = "pip install --no-build-isolation --no-deps -e ."
+BUILD_COMMAND = "python3 -m pip install --no-build-isolation --no-deps -e ."
 OPTIONAL = {"liger_kernel": "bench_cross_entropy's liger row", "flash_attn": "nothing measured here needs it",
             "bitsandbytes": "GPU tests of QLoRA, if any", "deepspeed": "GPU tests of ZeRO, if any"}
 
