@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mftcore.benchmarks import device_slug, gate_failures
 from mftcore.kernels import cross_entropy as ce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,8 +157,13 @@ def gpu_benchmarks(device="cuda", shape=GOAL_SHAPE, dtype=torch.bfloat16, timer=
     liger = liger_loss_fn()
     if liger is not None:
         impls.append(("liger", liger))
-    rows = [measure(name, fn, shape, dtype, device, timer, peak) for name, fn in impls]
-    by = {r["impl"]: r for r in rows}
+    rows = [measure(name, fn, shape, dtype, device, timer, peak) for name, fn in impls[:2]]
+    for name, fn in impls[2:]:  # a carried Liger that fails on this torch/triton is a result, not a crash
+        try:
+            rows.append(measure(name, fn, shape, dtype, device, timer, peak))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
+    by = {r["impl"]: r for r in rows if "ms" in r}
     result = {"shape": {"N": n, "H": h, "V": v}, "dtype": str(dtype).split(".")[-1], "rows": rows,
               "speedup_vs_eager": by["eager"]["ms"] / by["mftcore"]["ms"]}
     goals = {"tflops>=600": by["mftcore"]["effective_tflops"] >= 600}
@@ -244,14 +249,7 @@ def cpu_speed(shape=CPU_SPEED_SHAPE, repeats=5) -> dict:
 
 
 def machine_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    slug = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")
-    return f"cpu-{'-'.join(p for p in slug.split('-') if p)}-{os.cpu_count()}cores"
+    return device_slug("cpu")
 
 
 def cpu_results() -> dict:
@@ -270,7 +268,7 @@ def test_cpu_peak_memory_ratio(benchmark):
     ratio = result[1]["peak_extra_bytes"] / result[0]["peak_extra_bytes"]
     benchmark.extra_info.update({"naive_bytes": result[0]["peak_extra_bytes"],
                                  "chunked_bytes": result[1]["peak_extra_bytes"], "ratio": ratio})
-    assert ratio <= 0.25, result
+    assert gate_failures("cross_entropy", {"naive_over_chunked_peak_memory": 1 / ratio}) == [], result
 
 
 def test_cpu_forward_backward_mftcore(benchmark):

@@ -1,7 +1,8 @@
-"""`mftcore train | prepare | merge | generate`. User mistakes print one line and exit 2; --debug shows the
+"""`mftcore train | prepare | merge | generate | bench`. User mistakes print one line and exit 2; --debug shows the
 traceback.
 
-This module only parses arguments and dispatches; the work lives in train.py, data/, merge.py, generate.py.
+This module only parses arguments and dispatches; the work lives in train.py, data/, merge.py, generate.py,
+benchmarks.py.
 """
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the model")
 
 
+def add_bench_parser(sub) -> None:
+    from mftcore.benchmarks import BENCHMARKS
+
+    p = sub.add_parser("bench", help="run one benchmark of bench/ and print its table",
+                       description="Runs from a checkout (bench/ beside the mftcore package) or with "
+                                   "MFTCORE_BENCH_DIR set; exit code 1 if one of its gates failed.")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds, not the numbers")
+    p.add_argument("--json", dest="out", metavar="PATH", help="also write the full results here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcore", description="Multi-task fine-tuning of code LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -81,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     add_merge_parser(sub)
     add_generate_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -101,7 +115,7 @@ def train_config_and_overrides(args) -> tuple[str, list]:
     return path, overrides + positionals
 
 
-def run(args) -> None:
+def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per weight file
@@ -125,6 +139,11 @@ def run(args) -> None:
         answer(args.model, args.adapter, prompt=args.prompt, system=args.system, file=args.file,
                output=args.output, sampling=sampling, batch_size=args.batch_size,
                trust_remote_code=args.trust_remote_code)
+    elif args.command == "bench":
+        from mftcore.benchmarks import run_benchmark
+
+        return run_benchmark(args.name, args.device, args.quick, args.out)
+    return 0
 
 
 def prepare(config: str, overrides: list, show: int) -> None:
@@ -145,13 +164,12 @@ def prepare(config: str, overrides: list, show: int) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        return run(args)
     except MftcoreError as e:
         if args.debug:
             raise
         print(f"mftcore: error: {e}", file=sys.stderr)
         return e.exit_code
-    return 0
 
 
 if __name__ == "__main__":
