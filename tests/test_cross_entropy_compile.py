@@ -8,10 +8,7 @@ The table of registers and shared memory per kernel and configuration is printed
 """
 
 import itertools
-import os
 import re
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -19,9 +16,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from compile_check import dump_cubin
+
 from mftcore.kernels import cross_entropy as ce
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # max dynamic shared memory per block (CUDA guide)
 K1_ALIGNED = ("h_ptr", "w_ptr", "b_ptr", "labels_ptr", "logits_ptr", "tile_max_ptr", "tile_sum_ptr",
@@ -41,18 +39,10 @@ def compile_kernel(fn, signature, constexprs, aligned, arch, num_warps, num_stag
 
 
 def inspect_cubin(compiled) -> dict:
-    """SASS instruction counts and resource usage of a compiled kernel, read with cuobjdump."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-sass", path],
-                              capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", path],
-                               capture_output=True, text=True, check=True).stdout
-    reg, stack, local = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage).groups()
+    """SASS instruction counts and resource usage of a compiled kernel (cuobjdump, via compile_check)."""
+    sass, usage = dump_cubin(compiled.asm["cubin"])
     return {"hgmma": len(re.findall(r"\bHGMMA\b", sass)), "hmma": len(re.findall(r"\bHMMA\b", sass)),
-            "regs": int(reg), "stack": int(stack), "local": int(local), "smem": compiled.metadata.shared}
+            "regs": usage["REG"], "stack": usage["STACK"], "local": usage["LOCAL"], "smem": compiled.metadata.shared}
 
 
 def logits_variants(arch):
