@@ -1,7 +1,8 @@
-"""`mftcore train | prepare | merge | generate`. User mistakes print one line and exit 2; --debug shows the
+"""`mftcore train | prepare | merge | generate | export`. User mistakes print one line and exit 2; --debug shows the
 traceback.
 
-This module only parses arguments and dispatches; the work lives in train.py, data/, merge.py, generate.py.
+This module only parses arguments and dispatches; the work lives in train.py, data/, merge.py, generate.py,
+checkpoint.py.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the model")
 
 
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="turn a checkpoint (of any engine) into one HF model or PEFT adapter directory",
+                       description="mftcore export CHECKPOINT OUT: rebuilds the model from the checkpoint's "
+                                   "mftcore_config.json (run it where that config's paths resolve) and writes "
+                                   "model.safetensors (or the adapter), the tokenizer and the config to OUT.")
+    p.add_argument("checkpoint", help="a checkpoint-N directory (one process, ddp, fsdp or deepspeed)")
+    p.add_argument("out", help="the directory to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcore", description="Multi-task fine-tuning of code LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -81,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     add_merge_parser(sub)
     add_generate_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -125,6 +136,10 @@ def run(args) -> None:
         answer(args.model, args.adapter, prompt=args.prompt, system=args.system, file=args.file,
                output=args.output, sampling=sampling, batch_size=args.batch_size,
                trust_remote_code=args.trust_remote_code)
+    elif args.command == "export":
+        from mftcore.checkpoint import export_checkpoint
+
+        print(export_checkpoint(args.checkpoint, args.out))
 
 
 def prepare(config: str, overrides: list, show: int) -> None:
