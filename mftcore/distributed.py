@@ -61,7 +61,7 @@ def choose_engine(cfg, world_size: int) -> str:
 
 
 def setup(cfg) -> Dist:
-    """Rank and device of this process from torchrun's environment; joins (or creates) the process group."""
+    """Rank, device and engine of this process from torchrun's environment; no collective yet (join)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
@@ -72,16 +72,25 @@ def setup(cfg) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    owns = False
-    if kind != "none" and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"timeout": timedelta(seconds=cfg.init_timeout_seconds)} if cfg.init_timeout_seconds else {}
-        if "MASTER_ADDR" in os.environ:  # torchrun
-            dist.init_process_group(backend, **kwargs)
-        else:  # a plain process that asked for an engine: a group of one
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
-        owns = True
-    return Dist(rank, world, local_rank, device, kind, owns)
+    return Dist(rank, world, local_rank, device, kind)
+
+
+def join(env: Dist, cfg) -> None:
+    """Create the process group (gloo on CPU, nccl on GPU) unless it exists or one process runs alone.
+
+    The trainer calls this after loading the data: tokenizing forks worker processes, and a process
+    that forks once the process group's threads run can leave its children waiting on a lock one of
+    those threads held (seen here as a hang after two process groups had come and gone in a process).
+    """
+    if env.engine == "none" or dist.is_initialized():
+        return
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    kwargs = {"timeout": timedelta(seconds=cfg.init_timeout_seconds)} if cfg.init_timeout_seconds else {}
+    if "MASTER_ADDR" in os.environ:  # torchrun
+        dist.init_process_group(backend, **kwargs)
+    else:  # a plain process that asked for an engine: a group of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    env.owns_group = True
 
 
 def teardown(env: Dist) -> None:
@@ -134,13 +143,17 @@ def broadcast_object(obj, src: int = 0):
 # --- wrapping --------------------------------------------------------------------------------------
 
 def apply_ddp(loss_model, moe: bool = False):
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    # broadcast_buffers=False: the only buffers (rotary frequencies) are equal on every rank, and a
-    # broadcast in every forward would be one more collective per micro-batch and per evaluation batch.
+    # No buffer sync in forward: the only buffers (rotary frequencies) are equal on every rank, and a
+    # broadcast in every forward would be one more collective per micro-batch and per evaluation batch
+    # (torch 2.13 renamed the switch; 2.11 knows only broadcast_buffers).
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     # MoE experts a micro-batch never routes to get no gradient: DDP must look for unused parameters.
-    return DistributedDataParallel(loss_model, broadcast_buffers=False, find_unused_parameters=moe,
-                                   gradient_as_bucket_view=True)
+    return DistributedDataParallel(loss_model, find_unused_parameters=moe, gradient_as_bucket_view=True, **no_sync)
 
 
 def apply_fsdp(loss_model, model_type, dtype: torch.dtype, device: torch.device):
@@ -244,7 +257,7 @@ class Engine:
     def dcp_options(self, **kwargs):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(ignore_frozen_params=self.peft, **kwargs)  # LoRA: the adapters only
+        return frozen_free_options(self.peft, **kwargs)
 
     def save_sharded(self, directory: str) -> None:
         """FSDP2: every rank writes its shards of the model and optimizer state (collective)."""
@@ -275,12 +288,20 @@ class Engine:
         return sd if self.rank == 0 else None
 
 
+def frozen_free_options(peft: bool, **kwargs):
+    """LoRA checkpoints hold the adapters only (the frozen base comes from pretrained_model_path), so
+    loading them is not strict; a key the checkpoint lacks still fails in dcp.load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=peft, strict=not peft, **kwargs)
+
+
 def load_sharded_weights(directory: str, model, peft: bool) -> None:
     """An FSDP2 checkpoint's model weights into a plain (unsharded) model, in one process (export)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=peft)
+    options = frozen_free_options(peft)
     state = {"model": get_model_state_dict(model, options=options)}
     dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))
     set_model_state_dict(model, state["model"], options=options)

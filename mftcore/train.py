@@ -169,6 +169,7 @@ def train_on(cfg: TrainConfig, env: distributed.Dist) -> str:
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.eos_token_id  # MFTCoder pads with EOS; padding never reaches the loss
     data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
+    distributed.join(env, cfg)  # after the data: tokenizing forks, which a process should do before threads run
     names, K = data.names, len(data.names)
     if cfg.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and not data.valid:
         raise ConfigError(f"data_split: weighted_loss_mode {cfg.weighted_loss_mode!r} needs validation data")

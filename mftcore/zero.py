@@ -36,6 +36,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 
 import torch
 
@@ -133,6 +134,9 @@ def import_deepspeed(device: torch.device):
     except ImportError:
         raise ConfigError("distributed_type: deepspeed needs DeepSpeed (pip install deepspeed, or mftcore[deepspeed])") from None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would interleave with ours
+    # DeepSpeed 0.19.8 calls these in every step; torch 2.13 warns each time.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            "deprecated", FutureWarning)
     return deepspeed
 
 
