@@ -13,6 +13,8 @@ the validation sampler feed every step. DeepSpeed builds a small CPU communicati
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -48,8 +50,8 @@ RESUMED = ("ddp", "fsdp", "zero2", "zero3", "fsdp-lora")
 
 
 def launch(args, cwd, timeout=420):
-    """torchrun with 2 processes on a free port; `python -m torch.distributed.run` is the torchrun script."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    """torchrun with these arguments; `python -m torch.distributed.run` is the torchrun script."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -74,7 +76,8 @@ def runs(tmp_path_factory, tiny_pretrained):
         cfg.update(output_dir=str(root / f"{name}-resumed"), resume_from_checkpoint=str(out[name] / "checkpoint-2"))
         (root / f"{name}-resumed.json").write_text(json.dumps(cfg))
         configs.append(str(root / f"{name}-resumed.json"))
-    launch([os.path.join(ROOT, "tests", "distributed_runs.py"), *configs], cwd=root)
+    launch(["--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "tests", "distributed_runs.py"), *configs],
+           cwd=root)
     return out
 
 
@@ -150,3 +153,20 @@ def test_export_turns_a_sharded_checkpoint_into_the_final_model(runs, tmp_path, 
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7)
     assert {"tokenizer.json", "mftcore_config.json"} <= set(os.listdir(out))
+
+
+def test_readme_torchrun_commands_run_as_written(tmp_path):
+    """The README's launch lines, cut to two steps: the CLI under torchrun, tokenizing before the process
+    group exists, the shipped ZeRO-3 JSON filled from tiny.json."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        block = re.search(r"<!-- torchrun-example -->\n```bash\n(.*?)```", f.read(), flags=re.S).group(1)
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2 and all(argv[0] == "torchrun" for argv in commands)
+    for name in ("configs", "examples"):
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    for argv in commands:
+        launch(argv[1:] + ["max_train_steps=2"], cwd=tmp_path)
+    for out in ("output/tiny-fsdp", "output/tiny-zero3"):
+        records = read_metrics(tmp_path / out)
+        assert [(r["step"], r["split"]) for r in records] == [(2, "train"), (2, "valid")]
+        AutoModelForCausalLM.from_pretrained(tmp_path / out / "final", use_safetensors=True)

@@ -36,11 +36,11 @@ MFTCODER_DEFAULTS = {
     "use_slow_tokenizer": False, "world_size": 8,
 }
 # Keys (or default values) that other issues in flight bring: LoRA/QLoRA, CoBa, early stopping, resume and
-# saving_limit (training engine), attention backends, distributed_type.
+# saving_limit (training engine), attention backends.
 IN_FLIGHT = {"peft_type", "quantization", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
              "resume_from_checkpoint", "auto_resume", "early_stopping", "early_stopping_stall_num",
              "saving_limit", "coba_warmup_steps", "coba_history_length", "coba_tau", "coba_update_interval",
-             "coba_sample_valid_num", "attn_implementation", "distributed_type", "deepspeed_config"}
+             "coba_sample_valid_num", "attn_implementation"}
 TINY = {"tokenizer_path": TOKENIZER, "model_config": TINY_CONFIGS["llama"]}
 
 
