@@ -180,7 +180,7 @@ def train_on(cfg: TrainConfig, env: distributed.Dist) -> str:
     own_precision = env.engine in ("none", "ddp")
     autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=own_precision and dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and own_precision else None
-    model = build_model(cfg, len(tokenizer), device)
+    model = build_model(cfg, len(tokenizer), device, place=env.engine != "fsdp")
     lm = causal_lm(model)
     moe = moe_spec(lm.config, cfg.router_aux_loss_coef)
     n_params = sum(p.numel() for p in model.parameters())  # before sharding, which hides sizes from ZeRO-3
