@@ -138,16 +138,16 @@ def save_checkpoint(output_dir: str, step: int, engine, scheduler, state: dict, 
             if engine.scaler is not None:
                 torch.save(engine.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
             if config is not None:
-                write_json(os.path.join(tmp, CONFIG_FILE), config)
+                write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
             write_json(os.path.join(tmp, STATE_FILE), {"step": step, "format": engine.format,
                                                        "world_size": engine.world_size, **state})
         torch.save(capture_rng(), os.path.join(tmp, f"rng_state_{rank}.pt"))
     return path
 
 
-def write_json(path: str, value: dict) -> None:
+def write_json(path: str, value: dict, indent: int = 1) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
+        json.dump(value, f, indent=indent)
 
 
 def save_model_dir(path: str, model, tokenizer, config: dict, state_dict=None) -> str:
@@ -158,7 +158,7 @@ def save_model_dir(path: str, model, tokenizer, config: dict, state_dict=None) -
         kwargs = {} if state_dict is None else {"state_dict": state_dict}
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, CONFIG_FILE), config)
+        write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
     return path
 
 

@@ -152,7 +152,8 @@ def apply_ddp(loss_model, moe: bool = False):
     # (torch 2.13 renamed the switch; 2.11 knows only broadcast_buffers).
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
-    # MoE experts a micro-batch never routes to get no gradient: DDP must look for unused parameters.
+    # MoE: an expert that no token of a micro-batch reaches may get no gradient (it depends on the
+    # model's expert implementation), and DDP then has to look for unused parameters.
     return DistributedDataParallel(loss_model, find_unused_parameters=moe, gradient_as_bucket_view=True, **no_sync)
 
 

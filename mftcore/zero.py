@@ -143,6 +143,8 @@ def import_deepspeed(device: torch.device):
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine behind the interface of distributed.Engine; `module` is the engine itself."""
 
+    stage = 2  # ZeRO stage, set by create()
+
     @classmethod
     def create(cls, loss_model, model, cfg, env, dtype: torch.dtype, make_optimizer) -> "DeepSpeedEngine":
         from mftcore.model import causal_lm, lm_head
