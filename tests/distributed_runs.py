@@ -15,6 +15,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)  # see tests/conftest.py: tiny models, and two processes on two cores
 
 from mftcore.cli import main  # noqa: E402
+from mftcore.distributed import destroy_process_group  # noqa: E402
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
@@ -22,4 +23,4 @@ if __name__ == "__main__":
         code = main(["train", config])
         if code:
             sys.exit(code)
-    dist.destroy_process_group()
+    destroy_process_group()  # with the pause that keeps gloo's threads from aborting the exit
