@@ -269,7 +269,8 @@ class TrainConfig:
 
         if self.distributed_type is not None:
             if str(self.distributed_type).lower() not in ENGINES:
-                bad("distributed_type", f"{self.distributed_type!r} is not supported (choose from {', '.join(ENGINES)})")
+                bad("distributed_type",
+                    f"{self.distributed_type!r} is not supported (choose from {', '.join(ENGINES)})")
             self.distributed_type = str(self.distributed_type).lower()
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
             bad("deepspeed_config", f"expected a JSON file path or an object, got {self.deepspeed_config!r}")

@@ -57,7 +57,8 @@ def choose_engine(cfg, world_size: int) -> str:
     if kind == "fsdp" and cfg.peft_type == "qlora":
         raise ConfigError("distributed_type: fsdp cannot shard 4-bit QLoRA weights; use deepspeed (ZeRO-2) or ddp")
     if kind == "fsdp" and cfg.mixed_precision == "fp16":
-        raise ConfigError("mixed_precision: fp16 needs a loss scaler, which mftcore's FSDP2 path does not run; use bf16")
+        raise ConfigError("mixed_precision: fp16 needs a loss scaler, which mftcore's FSDP2 path does not run; "
+                          "use bf16")
     return kind
 
 

@@ -178,7 +178,8 @@ def train_on(cfg: TrainConfig, env: distributed.Dist) -> str:
     dtype = compute_dtype(cfg, device)
     # One process and DDP autocast over fp32 weights; FSDP2's policy and DeepSpeed cast the weights themselves.
     own_precision = env.engine in ("none", "ddp")
-    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=own_precision and dtype != torch.float32)
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype,
+                                 enabled=own_precision and dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and own_precision else None
     model = build_model(cfg, len(tokenizer), device, place=env.engine != "fsdp")
     lm = causal_lm(model)

@@ -132,7 +132,8 @@ def import_deepspeed(device: torch.device):
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError("distributed_type: deepspeed needs DeepSpeed (pip install deepspeed, or mftcore[deepspeed])") from None
+        raise ConfigError("distributed_type: deepspeed needs DeepSpeed (pip install deepspeed, or "
+                          "mftcore[deepspeed])") from None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would interleave with ours
     # DeepSpeed 0.19.8 calls these in every step; torch 2.13 warns each time.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
@@ -150,7 +151,8 @@ class DeepSpeedEngine(Engine):
         from mftcore.model import causal_lm, lm_head
 
         deepspeed = import_deepspeed(env.device)
-        ds_config = fill_deepspeed_config(cfg, env.world_size, dtype, getattr(causal_lm(model).config, "hidden_size", 0))
+        hidden_size = getattr(causal_lm(model).config, "hidden_size", 0)
+        ds_config = fill_deepspeed_config(cfg, env.world_size, dtype, hidden_size)
         optimizer = make_optimizer(model)
         if offloads_optimizer(ds_config):
             optimizer = cpu_adam_like(optimizer, cfg)

@@ -90,8 +90,9 @@ def references(tmp_path_factory, tiny_pretrained):
     """The same runs in one process with the same global batch (8 = 2 ranks x 4)."""
     root = tmp_path_factory.mktemp("one-process")
     full = train(engine_config(root / "full", per_device_train_batch_size=8, **RUN))
-    lora, qlora = (train(engine_config(root / kind, per_device_train_batch_size=8, pretrained_model_path=tiny_pretrained,
-                                       **{**RUN, **ADAPTER_RUN}, peft_type=kind)) for kind in ("lora", "qlora"))
+    lora, qlora = (train(engine_config(root / kind, per_device_train_batch_size=8, peft_type=kind,
+                                       pretrained_model_path=tiny_pretrained, **{**RUN, **ADAPTER_RUN}))
+                   for kind in ("lora", "qlora"))
     return {"full": (root / "full", full), "fsdp-lora": (root / "lora", lora), "zero2-qlora": (root / "qlora", qlora)}
 
 
@@ -124,7 +125,8 @@ def test_engine_matches_one_process(runs, references, name):
 def test_adapters_match_one_process(runs, references, name):
     ref_dir, ref_final = references[name]
     assert_close_curves(curve(runs[name]), curve(ref_dir), rel=1e-5)
-    got, want = tensors(runs[name] / "final", "adapter_model.safetensors"), tensors(ref_final, "adapter_model.safetensors")
+    got = tensors(runs[name] / "final", "adapter_model.safetensors")
+    want = tensors(ref_final, "adapter_model.safetensors")
     assert got.keys() == want.keys() and all("lora_" in k for k in got)
     for key in got:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-4)
@@ -143,9 +145,9 @@ def test_resumed_run_continues_the_curve(runs, name):
 
 
 @pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3", "fsdp-lora", "zero2-qlora"])
-def test_export_turns_a_sharded_checkpoint_into_the_final_model(runs, tmp_path, name):
+def test_export_turns_a_sharded_checkpoint_into_the_final_model(runs, tmp_path, tiny_pretrained, name):
     """`mftcore export checkpoint-4 OUT` (one process, from DCP shards or DeepSpeed's files) writes what
-    the run's own final/ holds."""
+    the run's own final/ holds, which plain transformers (and peft, for an adapter) loads."""
     checkpoint = runs[name] / "checkpoint-4"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["format"] == ("dcp" if name.startswith("fsdp") else "deepspeed") and state["world_size"] == 2
@@ -157,6 +159,12 @@ def test_export_turns_a_sharded_checkpoint_into_the_final_model(runs, tmp_path, 
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7)
     assert {"tokenizer.json", "mftcore_config.json"} <= set(os.listdir(out))
+    if "lora" in name:
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pretrained), out)
+    else:
+        AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
 
 
 def test_readme_torchrun_commands_run_as_written(tmp_path):

@@ -63,7 +63,8 @@ def test_unknown_engine_is_a_config_error_naming_the_key():
 def test_shipped_deepspeed_configs_are_filled_from_ours(name, stage):
     cfg = config(deepspeed_config=os.path.join(ROOT, "configs", name), max_grad_norm=0.5)
     ds = fill_deepspeed_config(cfg, world_size=8, dtype=torch.bfloat16, hidden_size=4096)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 64)
+    sizes = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert sizes == (4, 2, 64)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage and zero["reduce_bucket_size"] == 4096 * 4096
@@ -72,14 +73,17 @@ def test_shipped_deepspeed_configs_are_filled_from_ours(name, stage):
 
 
 @pytest.mark.parametrize("ds, message", [
-    ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu: 2 contradicts per_device_train_batch_size = 4"),
+    ({"train_micro_batch_size_per_gpu": 2},
+     "train_micro_batch_size_per_gpu: 2 contradicts per_device_train_batch_size = 4"),
     ({"train_batch_size": 32}, "train_batch_size: 32 contradicts per_device_train_batch_size x gradient_accumulation"),
     ({"gradient_clipping": 2.0}, "gradient_clipping: 2.0 contradicts max_grad_norm = 1.0"),
-    ({"bf16": {"enabled": True}}, "bf16.enabled: True contradicts mixed_precision='auto' \\(float32 on this machine\\)"),
+    ({"bf16": {"enabled": True}},
+     "bf16.enabled: True contradicts mixed_precision='auto' \\(float32 on this machine\\)"),
     ({"optimizer": {"type": "Adam"}}, "optimizer: mftcore passes its own AdamW"),
     ({"scheduler": {"type": "WarmupLR"}}, "scheduler: mftcore passes its own"),
     ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage: 1 is not supported"),
-    ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, "zero_optimization.sub_group_size: \"auto\" is filled"),
+    ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}},
+     "zero_optimization.sub_group_size: \"auto\" is filled"),
 ])
 def test_deepspeed_contradictions_are_one_line_errors_naming_the_key(ds, message):
     with pytest.raises(ConfigError, match=message) as e:
