@@ -60,9 +60,11 @@ setup(
     ],
     # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested);
     # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).
+    # deepspeed: distributed_type "deepspeed" (0.19.8 tested; tests/test_distributed.py runs ZeRO-2/3 on CPU).
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1", "deepspeed>=0.19"],
         "qlora": ["bitsandbytes>=0.50"],
+        "deepspeed": ["deepspeed>=0.19"],
     },
     entry_points={"console_scripts": ["mftcore=mftcore.cli:main"]},
     zip_safe=False,

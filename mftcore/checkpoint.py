@@ -4,11 +4,17 @@ checkpoint-{step}/ holds everything a run needs to continue exactly as if it had
   model.safetensors + config.json      full fine-tuning (plain `from_pretrained` loads it), or
   adapter_model.safetensors + adapter_config.json   LoRA/QLoRA (plain `PeftModel.from_pretrained`)
   optimizer.pt, scheduler.pt, [scaler.pt]   torch state dicts (tensors and numbers only)
-  rng_state_{rank}.pt                  python, numpy, torch CPU and CUDA generator states
-  trainer_state.json                   step, data position, loss-mode state, best/stall, counters
-Everything is read back with safetensors or torch.load(weights_only=True): loading a checkpoint never
-unpickles code. Directories only ever appear complete (atomic rename), so the newest one is usable
-even after a SIGKILL in the middle of a save.
+  rng_state_{rank}.pt                  python, numpy, torch CPU and CUDA generator states, one per rank
+  trainer_state.json                   step, data position, loss-mode state, best/stall, counters,
+                                       the weights' format and the world size
+  mftcore_config.json                  the training config (what `mftcore export` rebuilds the model from)
+That is the "hf" format of one process and of DDP (rank 0 writes the weights). Sharded engines keep
+their own formats in place of the weights and optimizer files: "dcp" (FSDP2,
+torch.distributed.checkpoint shards in dcp/) and "deepspeed" (DeepSpeed's files in deepspeed/).
+`export_checkpoint` turns any of them into one HF model or PEFT adapter directory.
+Everything but DeepSpeed's files is read back with safetensors or torch.load(weights_only=True).
+Directories only ever appear complete (atomic rename; with several ranks, rank 0 renames once every
+rank has written), so the newest one is usable even after a SIGKILL in the middle of a save.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import uuid
 import numpy as np
 import torch
 
+from mftcore import distributed
 from mftcore.errors import ConfigError
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "mftcore_config.json"
+FORMAT_ENGINES = {"hf": "one-process or ddp", "dcp": "fsdp", "deepspeed": "deepspeed"}
 
 
 @contextlib.contextmanager
@@ -50,6 +59,25 @@ def atomic_dir(path: str):
     os.replace(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(path: str, rank: int = 0):
+    """atomic_dir for every rank of a run: rank 0 makes the temporary directory and tells the others
+    its name; each rank writes its files; rank 0 renames once all have finished."""
+    if not distributed.is_distributed():
+        with atomic_dir(path) as tmp:
+            yield tmp
+        return
+    if rank == 0:
+        with atomic_dir(path) as tmp:
+            distributed.broadcast_object(tmp)
+            yield tmp
+            distributed.barrier()  # every rank's files are in
+    else:
+        yield distributed.broadcast_object(None)
+        distributed.barrier()
+    distributed.barrier()  # renamed: the checkpoint exists for every rank
 
 
 def remove_dir(path: str) -> None:
@@ -94,31 +122,56 @@ def restore_rng(state: dict) -> None:
 
 # --- save --------------------------------------------------------------------------------------
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, *, scaler=None,
-                    rank: int = 0) -> str:
-    """checkpoint-{step}/ as described in the module docstring."""
+def save_checkpoint(output_dir: str, step: int, engine, scheduler, state: dict, *, config: dict | None = None) -> str:
+    """checkpoint-{step}/ as described in the module docstring; every rank calls it."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        if scaler is not None:
-            torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+    rank = engine.rank
+    with shared_atomic_dir(path, rank) as tmp:
+        if engine.format == "hf":
+            if rank == 0:
+                engine.model.save_pretrained(tmp, safe_serialization=True)
+                torch.save(engine.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        else:
+            engine.save_sharded(tmp)
+        if rank == 0:
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            if engine.scaler is not None:
+                torch.save(engine.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            if config is not None:
+                write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
+            write_json(os.path.join(tmp, STATE_FILE), {"step": step, "format": engine.format,
+                                                       "world_size": engine.world_size, **state})
         torch.save(capture_rng(), os.path.join(tmp, f"rng_state_{rank}.pt"))
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"step": step, **state}, f, indent=1)
     return path
 
 
-def save_final(output_dir: str, model, tokenizer, config: dict) -> str:
-    """final/: an HF model (or PEFT adapter) directory with the tokenizer and the training config, so
-    that `mftcore generate` knows the role markers it was trained with."""
-    path = os.path.join(output_dir, "final")
+def write_json(path: str, value: dict, indent: int = 1) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=indent)
+
+
+def save_model_dir(path: str, model, tokenizer, config: dict, state_dict=None) -> str:
+    """An HF model (or PEFT adapter) directory with the tokenizer and the training config, so that
+    `mftcore generate` knows the role markers it was trained with. state_dict: the weights to write
+    when `model` holds only its shard of them."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "mftcore_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
+        write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
+    return path
+
+
+def save_final(output_dir: str, engine, tokenizer, config: dict) -> str:
+    """final/: the trained model as one HF directory. `engine` is a distributed.Engine (every rank
+    calls this: sharded engines gather the weights to rank 0) or a bare model."""
+    path = os.path.join(output_dir, "final")
+    if not hasattr(engine, "full_state_dict"):
+        return save_model_dir(path, engine, tokenizer, config)
+    state_dict = engine.full_state_dict()
+    if engine.rank == 0:
+        save_model_dir(path, engine.model, tokenizer, config, state_dict)
+    distributed.barrier()
     return path
 
 
@@ -220,20 +273,73 @@ def load_model_weights(path: str, model) -> None:
                           f"(was it saved from another model or peft_type?)")
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, *, scaler=None, rank: int = 0) -> dict:
-    """Restore model, optimizer, scheduler (and scaler) from `path`; returns its trainer state. The RNG
-    states are restored last, by `restore_checkpoint_rng`, once nothing else will draw from them."""
-    load_model_weights(path, model)
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
-    if scaler is not None:
-        scaler_file = os.path.join(path, "scaler.pt")
-        if os.path.isfile(scaler_file):
-            scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+def read_state(path: str) -> dict:
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         return json.load(f)
 
 
-def restore_checkpoint_rng(path: str, rank: int = 0) -> None:
-    restore_rng(torch.load(os.path.join(path, f"rng_state_{rank}.pt"), weights_only=True))
+def load_checkpoint(path: str, engine, scheduler) -> dict:
+    """Restore the model, optimizer, scheduler (and scaler) of `engine` from `path`; returns its trainer
+    state. The RNG states are restored last, by `restore_checkpoint_rng`, once nothing else will draw."""
+    state = read_state(path)
+    saved = state.get("format", "hf")
+    if saved != engine.format:
+        raise ConfigError(f"resume_from_checkpoint: {path} was saved by a {FORMAT_ENGINES[saved]} run, this run "
+                          f"uses distributed_type {engine.kind!r} (export it with `mftcore export` to change engines)")
+    if saved == "deepspeed" and state.get("world_size", 1) != engine.world_size:
+        raise ConfigError(f"resume_from_checkpoint: {path}: DeepSpeed ZeRO checkpoints resume on as many ranks as "
+                          f"saved them ({state.get('world_size')}), not {engine.world_size}")
+    if saved == "hf":
+        load_model_weights(path, engine.model)
+        device = next(engine.model.parameters()).device
+        engine.optimizer.load_state_dict(
+            torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
+    else:
+        engine.load_sharded(path)
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    if saved == "deepspeed":  # ZeRO keeps no param-group lr in its files: take the schedule's
+        for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    if engine.scaler is not None:
+        scaler_file = os.path.join(path, "scaler.pt")
+        if os.path.isfile(scaler_file):
+            engine.scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+    return state
+
+
+def restore_checkpoint_rng(path: str, rank: int = 0) -> bool:
+    """This rank's generator states; False (rank 0's used) when the checkpoint was saved by fewer ranks."""
+    own = os.path.join(path, f"rng_state_{rank}.pt")
+    restore_rng(torch.load(own if os.path.isfile(own) else os.path.join(path, "rng_state_0.pt"), weights_only=True))
+    return os.path.isfile(own)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def export_checkpoint(path: str, out: str) -> str:
+    """One HF model (or PEFT adapter) directory from a checkpoint of any engine, in this one process:
+    the model is rebuilt from the checkpoint's mftcore_config.json (so its pretrained_model_path and
+    tokenizer_path must resolve from here), then the checkpoint's weights are loaded into it."""
+    from mftcore.config import TrainConfig
+    from mftcore.data.chat_template import build_chat_template
+    from mftcore.model import load_tokenizer
+    from mftcore.model.adapters import build_model
+
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise ConfigError(f"export: {path}: not a checkpoint directory (no {STATE_FILE})")
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise ConfigError(f"export: {path}: no {CONFIG_FILE} (saved by an older mftcore); its weights are in place")
+    cfg = TrainConfig.from_file(os.path.join(path, CONFIG_FILE))
+    tokenizer = load_tokenizer(cfg)
+    tokenizer.chat_template = build_chat_template(cfg.role_markers)
+    model = build_model(cfg, len(tokenizer), torch.device("cpu"))
+    saved = read_state(path).get("format", "hf")
+    if saved == "dcp":
+        distributed.load_sharded_weights(path, model, cfg.peft_type is not None)
+    elif saved == "deepspeed":
+        from mftcore.zero import load_zero_weights
+
+        load_zero_weights(path, model, cfg.peft_type is not None)
+    else:
+        load_model_weights(path, model)
+    return save_model_dir(out, model, tokenizer, cfg.to_dict())

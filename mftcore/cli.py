@@ -1,8 +1,8 @@
-"""`mftcore train | prepare | merge | generate | bench`. User mistakes print one line and exit 2; --debug shows the
-traceback.
+"""`mftcore train | prepare | merge | generate | export | bench`. User mistakes print one line and exit 2;
+--debug shows the traceback.
 
 This module only parses arguments and dispatches; the work lives in train.py, data/, merge.py, generate.py,
-benchmarks.py.
+checkpoint.py, benchmarks.py.
 """
 
 from __future__ import annotations
@@ -74,6 +74,15 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the model")
 
 
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="turn a checkpoint (of any engine) into one HF model or PEFT adapter directory",
+                       description="mftcore export CHECKPOINT OUT: rebuilds the model from the checkpoint's "
+                                   "mftcore_config.json (run it where that config's paths resolve) and writes "
+                                   "model.safetensors (or the adapter), the tokenizer and the config to OUT.")
+    p.add_argument("checkpoint", help="a checkpoint-N directory (one process, ddp, fsdp or deepspeed)")
+    p.add_argument("out", help="the directory to write")
+
+
 def add_bench_parser(sub) -> None:
     from mftcore.benchmarks import BENCHMARKS
 
@@ -94,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     add_merge_parser(sub)
     add_generate_parser(sub)
+    add_export_parser(sub)
     add_bench_parser(sub)
     return parser
 
@@ -139,6 +149,10 @@ def run(args) -> int:
         answer(args.model, args.adapter, prompt=args.prompt, system=args.system, file=args.file,
                output=args.output, sampling=sampling, batch_size=args.batch_size,
                trust_remote_code=args.trust_remote_code)
+    elif args.command == "export":
+        from mftcore.checkpoint import export_checkpoint
+
+        print(export_checkpoint(args.checkpoint, args.out))
     elif args.command == "bench":
         from mftcore.benchmarks import run_benchmark
 

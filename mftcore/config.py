@@ -165,6 +165,12 @@ class TrainConfig:
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
 
+    # --- multi-process training (mftcore/distributed.py, mftcore/zero.py) ---
+    distributed_type: Optional[str] = None
+    """"none", "ddp", "fsdp" or "deepspeed" (MFTCoder's "FSDP"/"DeepSpeed" too); null: deepspeed if deepspeed_config is set, else ddp when WORLD_SIZE > 1, else none."""
+    deepspeed_config: Union[None, str, dict] = None
+    """mftcore: DeepSpeed config, a JSON file or an inline dict; batch sizes, clipping and precision are filled from this config (an explicit contradicting value is an error)."""
+
     # --- MFTCoder keys: accepted so its configs run unchanged (see README "MFTCoder configs") ---
     epoch_checkpointing: bool = False
     """Also save a checkpoint at the end of every epoch."""
@@ -259,6 +265,18 @@ class TrainConfig:
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             bad("peak_tflops", f"must be > 0 or null, got {self.peak_tflops!r}")
 
+    def validate_distributed(self, bad) -> None:
+        """distributed_type and deepspeed_config; the DeepSpeed file itself is read when training starts."""
+        from mftcore.distributed import ENGINES
+
+        if self.distributed_type is not None:
+            if str(self.distributed_type).lower() not in ENGINES:
+                bad("distributed_type",
+                    f"{self.distributed_type!r} is not supported (choose from {', '.join(ENGINES)})")
+            self.distributed_type = str(self.distributed_type).lower()
+        if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
+            bad("deepspeed_config", f"expected a JSON file path or an object, got {self.deepspeed_config!r}")
+
     # --- validation ---
     def validate(self, source: str = "config") -> None:
         def bad(key, msg):
@@ -317,6 +335,7 @@ class TrainConfig:
             bad("num_warmup_steps", "an int >= 0 (steps) or a float in [0, 1) (fraction of all steps)")
         self.split_fractions(source)
         self.validate_engine(bad, source)
+        self.validate_distributed(bad)
         for key in ("system", "user", "assistant"):
             if not isinstance(self.role_markers.get(key), str):
                 bad("role_markers", f"{key!r} must be a string")

@@ -3,21 +3,26 @@ sampler that feeds the dynamic weighting modes (self-paced, CoBa) a few validati
 
 Loss comes from the fused cross-entropy (never the N x V logits). Accuracy needs an argmax over the
 vocabulary, so evaluation alone computes logits, for the loss tokens only and in row chunks of at most
-`LOGIT_CHUNK_ELEMENTS` floats.
+`LOGIT_CHUNK_ELEMENTS` floats (mftcore.model.loss_model).
+
+With several ranks, rank r evaluates batches r, r + W, r + 2W, ... and the sums are all-reduced, so
+every rank gets the whole result. Every rank runs the same number of forwards (FSDP2 and ZeRO-3
+gather weights in each): a rank with fewer batches runs placeholder batches that have no loss token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 
-from mftcore.data import IGNORE_INDEX, collate_padded
-from mftcore.kernels import fused_linear_cross_entropy
-from mftcore.model import hidden_states, lm_head
-
-LOGIT_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of fp32 logits per chunk
+from mftcore import distributed
+from mftcore.data import collate_padded
+from mftcore.data.batch import empty_batch
+from mftcore.model import loss_model
+from mftcore.model.loss_model import LOGIT_CHUNK_ELEMENTS, count_correct  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -44,47 +49,58 @@ class EvalResult:
         return float((present * means).sum() / present.sum().clamp(min=1e-12))
 
 
-def count_correct(hidden: torch.Tensor, head, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int):
-    """[K] count of loss tokens whose argmax logit is the label, logits built chunk by chunk."""
-    valid = labels != IGNORE_INDEX
-    h, y, t = hidden[valid], labels[valid], task_ids[valid]
-    correct = torch.zeros(num_tasks, device=hidden.device)
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-    for i in range(0, h.shape[0], rows):
-        logits = torch.nn.functional.linear(h[i:i + rows], head.weight, head.bias)
-        hit = (logits.argmax(-1) == y[i:i + rows]).float()
-        correct.index_add_(0, t[i:i + rows], hit)
-    return correct
+def shard(n: int, rank: int, world_size: int) -> tuple:
+    """This rank's items of n (i % world_size == rank) and the placeholders that give every rank
+    ceil(n / world_size) of them."""
+    mine = list(range(rank, n, world_size))
+    return mine, math.ceil(n / world_size) - len(mine)
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches, num_tasks: int, device, autocast=contextlib.nullcontext) -> EvalResult:
-    """Loss sums, token counts and correct counts per task over the given (host) batches."""
-    was_training = model.training
-    model.eval()
+def evaluate_batches(model, batches, num_tasks: int, device, autocast=contextlib.nullcontext, *, pad_id: int = 0,
+                     rank: int = 0, world_size: int = 1) -> EvalResult:
+    """Loss sums, token counts and correct counts per task over the given (host) batches; with several
+    ranks each evaluates its share and all get the sums. `model`: a bare HF model, or a LossModel
+    (possibly inside DDP, FSDP2 or DeepSpeed)."""
+    module = loss_model.as_loss_model(model, num_tasks)
+    if world_size > 1:
+        batches = list(batches)
+        mine, placeholders = shard(len(batches), rank, world_size)
+        batches = [batches[i] for i in mine] + [empty_batch(pad_id)] * placeholders
+    was_training = module.training
+    module.eval()
     out = EvalResult(*(torch.zeros(num_tasks, device=device) for _ in range(3)))
-    head = lm_head(model)
     for batch in batches:
         b = batch.to(device)
         with autocast():
-            hidden = hidden_states(model, b).flatten(0, 1)
-            ce = fused_linear_cross_entropy(hidden, head.weight, b.labels.flatten(), b.task_ids.flatten(),
-                                            bias=head.bias, num_tasks=num_tasks, reduction="sum")
-            out.task_correct += count_correct(hidden, head, b.labels.flatten(), b.task_ids.flatten(), num_tasks)
-        out.task_loss_sum += ce.task_loss_sum
-        out.task_count += ce.task_token_count
-    model.train(was_training)
+            r = module(b, reduction="sum", with_accuracy=True)
+        out.task_correct += r.task_correct
+        out.task_loss_sum += r.task_loss_sum
+        out.task_count += r.task_token_count
+    module.train(was_training)
+    if world_size > 1:
+        out = EvalResult(*distributed.sum_over_ranks(out.task_loss_sum, out.task_count, out.task_correct))
     return out
 
 
-def batched(samples, batch_size: int, pad_id: int):
-    for i in range(0, len(samples), batch_size):
-        yield collate_padded(samples[i:i + batch_size], pad_id)
+def batched(samples, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1):
+    """The batches of `samples` in order; with several ranks, this rank's share, then its placeholders."""
+    starts = range(0, len(samples), batch_size)
+    mine, placeholders = shard(len(starts), rank, world_size)
+    for i in mine:
+        yield collate_padded(samples[starts[i]:starts[i] + batch_size], pad_id)
+    for _ in range(placeholders):
+        yield empty_batch(pad_id)
 
 
-def evaluate(model, samples, *, batch_size: int, pad_id: int, num_tasks: int, device, autocast=contextlib.nullcontext):
-    """The whole validation set, in order."""
-    return evaluate_batches(model, batched(samples, batch_size, pad_id), num_tasks, device, autocast)
+def evaluate(model, samples, *, batch_size: int, pad_id: int, num_tasks: int, device, autocast=contextlib.nullcontext,
+             rank: int = 0, world_size: int = 1):
+    """The whole validation set, in order (sharded over the ranks)."""
+    result = evaluate_batches(model, batched(samples, batch_size, pad_id, rank, world_size), num_tasks, device,
+                              autocast, pad_id=pad_id)
+    if world_size > 1:
+        result = EvalResult(*distributed.sum_over_ranks(result.task_loss_sum, result.task_count, result.task_correct))
+    return result
 
 
 def interleave_tasks(samples) -> list:

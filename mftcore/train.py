@@ -21,19 +21,19 @@ from typing import Optional
 
 import torch
 
-from mftcore import checkpoint
+from mftcore import checkpoint, distributed
 from mftcore.config import DYNAMIC_WEIGHTING_MODES, TrainConfig
 from mftcore.data import StepLoader, load_tasks, report_lines
 from mftcore.data.chat_template import build_chat_template
 from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
-from mftcore.kernels import fused_linear_cross_entropy
 from mftcore.loss import step_token_scales
 from mftcore.metrics import (Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb,
                              step_flops, sum_squared_doc_lengths)
-from mftcore.model import causal_lm, hidden_states, lm_head, load_tokenizer, run_decoder
+from mftcore.model import causal_lm, load_tokenizer
 from mftcore.model.adapters import build_model, compute_dtype
-from mftcore.model.moe import moe_spec, router_aux_loss
+from mftcore.model.loss_model import LossModel, batch_loss, head_loss  # noqa: F401 (batch_loss, head_loss: public here)
+from mftcore.model.moe import moe_spec
 from mftcore.weighting import CoBa, build_weighting, sampling_schedule
 
 
@@ -66,19 +66,6 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def head_loss(model, hidden, batch, num_tasks: int, **loss_kwargs):
-    """Fused linear + cross-entropy of final hidden states [B, L, H] against the LM head."""
-    head = lm_head(model)
-    return fused_linear_cross_entropy(
-        hidden.flatten(0, 1), head.weight, batch.labels.flatten(), batch.task_ids.flatten(),
-        bias=head.bias, num_tasks=num_tasks, **loss_kwargs)
-
-
-def batch_loss(model, batch, num_tasks: int, **loss_kwargs):
-    """Decoder -> final hidden states -> fused linear + cross-entropy against the LM head."""
-    return head_loss(model, hidden_states(model, batch), batch, num_tasks, **loss_kwargs)
-
-
 @dataclass
 class StepResult:
     loss: torch.Tensor  # the step's loss (case3 of all its micro-batches), MoE auxiliary loss excluded
@@ -93,44 +80,36 @@ class StepResult:
 
 
 def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks: int, weights, *,
-               scaler=None, moe=None, autocast=contextlib.nullcontext) -> StepResult:
-    """One optimizer step over its micro-batches, normalised over all of them; a non-finite loss or
-    gradient leaves the weights untouched (the schedule still advances, so lr stays a function of step)."""
+               scaler=None, moe=None, autocast=contextlib.nullcontext, engine=None) -> StepResult:
+    """One optimizer step over its micro-batches, normalised over all of them (and all ranks); a
+    non-finite loss or gradient leaves the weights untouched (the schedule still advances, so lr stays
+    a function of step). `engine` (distributed.Engine) runs it under DDP, FSDP2 or DeepSpeed; without
+    one, `model` is a bare HF model trained in this process with `optimizer` and `scaler`."""
+    if engine is None:
+        engine = distributed.Engine(LossModel(model, num_tasks), model, optimizer, scaler=scaler)
     mode = "case3" if cfg.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES else cfg.weighted_loss_mode
     scales, counts = step_token_scales(batches, mode, num_tasks, weights)
     loss = torch.zeros((), device=counts.device)
     aux_total = torch.zeros((), device=counts.device) if moe is not None else None
     task_sum = torch.zeros(num_tasks, device=counts.device)
-    for b, scale in zip(batches, scales):
-        with autocast():
-            if moe is None:
-                out = batch_loss(model, b, num_tasks, reduction="sum", token_scale=scale)
-                total = out.loss
-            else:
-                dec = run_decoder(model, b, output_router_logits=True)
-                out = head_loss(model, dec.last_hidden_state, b, num_tasks, reduction="sum", token_scale=scale)
-                aux = router_aux_loss(dec.router_logits, moe, b.attention_mask) / len(batches)
-                total = out.loss + aux
-                aux_total += aux.detach()
-        (scaler.scale(total) if scaler is not None else total).backward()
+    for i, (b, scale) in enumerate(zip(batches, scales)):
+        with engine.accumulate(last=i == len(batches) - 1):
+            with autocast():
+                out = engine.module(b, token_scale=scale, moe=moe, aux_divisor=len(batches) * engine.world_size)
+                total = out.loss if moe is None else out.loss + out.aux_loss
+            engine.backward(total)
         loss += out.loss.detach()
         task_sum += out.task_loss_sum
-    params = [p for p in model.parameters() if p.requires_grad]
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if moe is not None:
+            aux_total += out.aux_loss.detach()
+    # Each rank holds its share of the step: the logged loss and the skip decision need the sum.
+    if moe is None:
+        loss, task_sum = distributed.sum_over_ranks(loss, task_sum)
+    else:
+        loss, task_sum, aux_total = distributed.sum_over_ranks(loss, task_sum, aux_total)
     total_loss = loss if aux_total is None else loss + aux_total
-    finite = torch.stack([torch.isfinite(total_loss), torch.isfinite(grad_norm)]).tolist()  # one sync
-    skipped = None if all(finite) else ("loss" if not finite[0] else "fp16 overflow" if scaler else "gradient")
-    if skipped is None and scaler is not None:
-        scaler.step(optimizer)
-    elif skipped is None:
-        optimizer.step()
-    if scaler is not None:
-        scaler.update()  # an overflow lowers the scale
+    grad_norm, skipped = engine.update(cfg.max_grad_norm, total_loss)
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, task_sum, counts, grad_norm, aux_total, skipped)
 
 
@@ -166,40 +145,51 @@ class StopRequest:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def process_rank() -> tuple:
-    """(rank, world_size) of this process: the one place multi-process training plugs in."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("WORLD_SIZE > 1: multi-process training is not supported yet (one process only)")
-    return 0, 1
-
-
 def per_task(names, values) -> dict:
     return {n: v for n, v in zip(names, values) if v is not None}
 
 
 def train(cfg: TrainConfig) -> str:
-    """Run training to the end; returns the directory of the final model (or adapter)."""
-    rank, world_size = process_rank()
+    """Run training to the end; returns the directory of the final model (or adapter). Under torchrun
+    every rank runs this; the engine is cfg.distributed_type (mftcore/distributed.py)."""
+    env = distributed.setup(cfg)
+    try:
+        return train_on(cfg, env)
+    finally:
+        distributed.teardown(env)
+
+
+def train_on(cfg: TrainConfig, env: distributed.Dist) -> str:
+    rank, world_size, device = env.rank, env.world_size, env.device
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resume_from = checkpoint.resolve_resume(cfg)
-    checkpoint.remove_leftovers(cfg.output_dir)
+    if rank == 0:
+        checkpoint.remove_leftovers(cfg.output_dir)
 
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.eos_token_id  # MFTCoder pads with EOS; padding never reaches the loss
     data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
+    distributed.join(env, cfg)  # after the data: tokenizing forks, which a process should do before threads run
     names, K = data.names, len(data.names)
     if cfg.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and not data.valid:
         raise ConfigError(f"data_split: weighted_loss_mode {cfg.weighted_loss_mode!r} needs validation data")
     static_weights = None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device)
 
     dtype = compute_dtype(cfg, device)
-    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    model = build_model(cfg, len(tokenizer), device)
+    # One process and DDP autocast over fp32 weights; FSDP2's policy and DeepSpeed cast the weights themselves.
+    own_precision = env.engine in ("none", "ddp")
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype,
+                                 enabled=own_precision and dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and own_precision else None
+    model = build_model(cfg, len(tokenizer), device, place=env.engine != "fsdp")
     lm = causal_lm(model)
     moe = moe_spec(lm.config, cfg.router_aux_loss_coef)
-    optimizer = build_optimizer(model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())  # before sharding, which hides sizes from ZeRO-3
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flop_params, attn = matmul_params(lm), attention_width(lm)
+    engine = distributed.wrap_model(model, cfg, env, num_tasks=K, dtype=dtype, scaler=scaler, moe=moe,
+                                    make_optimizer=functools.partial(build_optimizer, cfg=cfg))
+    optimizer = engine.optimizer
     loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
                         accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed,
                         rank=rank, world_size=world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length)
@@ -210,40 +200,46 @@ def train(cfg: TrainConfig) -> str:
     sampler = ValidationSampler(data.valid, cfg.per_device_eval_batch_size, pad_id) if weighting else None
     state = TrainerState()
     if resume_from:
-        saved = checkpoint.load_checkpoint(resume_from, model, optimizer, scheduler, scaler=scaler, rank=rank)
+        saved = checkpoint.load_checkpoint(resume_from, engine, scheduler)
         restore_trainer(saved, state, loader, weighting, sampler, cfg, resume_from)
         checkpoint.restore_checkpoint_rng(resume_from, rank)  # last: nothing after this draws before step 1
 
     metrics = Metrics(cfg.output_dir, cfg.tb_dir, total_steps, initial_step=state.step, enabled=rank == 0)
     for line in report_lines(data, cfg):
         metrics.print(line)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    on = f"{device}" if world_size == 1 else f"{world_size} ranks ({env.engine}, {device.type})"
     metrics.print(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
-                  f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {device}")
-    evaluate_valid = functools.partial(evaluate, model, data.valid, batch_size=cfg.per_device_eval_batch_size,
-                                       pad_id=pad_id, num_tasks=K, device=device, autocast=autocast)
+                  f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {on}")
+    shard = dict(rank=rank, world_size=world_size)
+    evaluate_valid = functools.partial(evaluate, engine.module, data.valid, batch_size=cfg.per_device_eval_batch_size,
+                                       pad_id=pad_id, num_tasks=K, device=device, autocast=autocast, **shard)
     if resume_from:
         metrics.print(f"resumed from {resume_from} at step {state.step}")
+        if saved.get("world_size", 1) != world_size:
+            metrics.print(f"note: the checkpoint was saved by {saved.get('world_size', 1)} ranks, this run has "
+                          f"{world_size}: dropout draws from other random streams than that run's would have")
         if saved.get("total_steps") != total_steps:
             metrics.print(f"note: {total_steps} steps in all, the checkpoint's run planned {saved.get('total_steps')}: "
                           f"the learning-rate schedule from here differs from that run's")
     elif isinstance(weighting, CoBa):  # the loss ratios are relative to the losses before training
         weighting.set_initial(evaluate_valid().task_losses())
 
-    flop_params, attn = matmul_params(lm), attention_width(lm)
-    window = Window(K, peak_flops(device, dtype, cfg.peak_tflops))
+    peak = peak_flops(device, dtype, cfg.peak_tflops)
+    window = Window(K, peak * world_size if peak else None)  # tokens and FLOPs below are over all ranks
     batches = iter(loader)
     with StopRequest() as stop:
         while state.step < total_steps and not state.early_stopped:
             epoch, micro = next(batches)
             tokens = sum(b.num_tokens for b in micro)  # counted on the host, before the copy
-            window.add_step(tokens, step_flops(flop_params, attn, tokens, sum(map(sum_squared_doc_lengths, micro))))
+            sq_lengths = sum(map(sum_squared_doc_lengths, micro))
             micro = [b.to(device) for b in micro]
             weights = static_weights if weighting is None else torch.tensor(weighting.weights(), device=device)
             lr = scheduler.get_last_lr()[0]
             res = train_step(model, micro, optimizer, scheduler, cfg, K, weights, scaler=scaler, moe=moe,
-                             autocast=autocast)
+                             autocast=autocast, engine=engine)
+            # All ranks' tokens, and whether any rank has had a SIGTERM (all stop after the same step).
+            tokens, sq_lengths, stopping = distributed.sum_numbers([tokens, sq_lengths, stop.requested], device)
+            window.add_step(tokens, step_flops(flop_params, attn, tokens, sq_lengths))
             state.step += 1
             step = state.step
             window.add_losses(res.task_sum, res.counts)
@@ -251,7 +247,8 @@ def train(cfg: TrainConfig) -> str:
             metrics.advance({"loss": f"{float(res.loss):.4f}", "lr": f"{lr:.2e}"})
 
             if weighting is not None and step % interval == 0:
-                measured = evaluate_batches(model, sampler.next_batches(samples_per_update), K, device, autocast)
+                measured = evaluate_batches(engine.module, sampler.next_batches(samples_per_update), K, device,
+                                            autocast, pad_id=pad_id, **shard)
                 weighting.observe(step, measured.task_losses())
             if step % cfg.log_interval == 0 or step == total_steps:
                 log_train(metrics, step, epoch, lr, res, state, window, weighting, names, device)
@@ -261,25 +258,26 @@ def train(cfg: TrainConfig) -> str:
 
             periodic = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
             epoch_end = cfg.epoch_checkpointing and loader.state_dict()["step_in_epoch"] == loader.steps_per_epoch()
-            if (periodic or epoch_end or step == total_steps or improved or state.early_stopped or stop.requested
+            if (periodic or epoch_end or step == total_steps or improved or state.early_stopped or stopping
                     or diverged):
                 path = checkpoint.save_checkpoint(
-                    cfg.output_dir, step, model, optimizer, scheduler,
-                    trainer_state(state, loader, weighting, sampler, cfg, total_steps), scaler=scaler, rank=rank)
-                checkpoint.prune_checkpoints(cfg.output_dir, cfg.saving_limit, {state.best_step, step})
+                    cfg.output_dir, step, engine, scheduler,
+                    trainer_state(state, loader, weighting, sampler, cfg, total_steps), config=cfg.to_dict())
+                if rank == 0:
+                    checkpoint.prune_checkpoints(cfg.output_dir, cfg.saving_limit, {state.best_step, step})
                 if diverged:
                     metrics.close()
                     raise TrainingError(
                         f"{state.nonfinite_in_a_row} steps in a row had a non-finite {res.skipped} (the last at step "
                         f"{step}; max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); stopped with {path}. "
                         f"Lower learning_rate or check the data, then resume")
-                if stop.requested:
+                if stopping:
                     metrics.close()
                     raise TrainingInterrupted(f"stopped by SIGTERM after step {step}; checkpoint saved to {path} "
                                               f"(resume with resume_from_checkpoint=auto)")
 
     tokenizer.chat_template = build_chat_template(cfg.role_markers)  # apply_chat_template == training string
-    final = checkpoint.save_final(cfg.output_dir, model, tokenizer, cfg.to_dict())
+    final = checkpoint.save_final(cfg.output_dir, engine, tokenizer, cfg.to_dict())
     if state.best_step is not None:
         metrics.print(f"best validation loss {state.best_loss:.4f} at step {state.best_step} "
                       f"({os.path.join(cfg.output_dir, f'checkpoint-{state.best_step}')})")

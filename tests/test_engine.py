@@ -18,6 +18,7 @@ from mftcore.data import collate_padded, load_tasks
 from mftcore.errors import ConfigError, TrainingError
 from mftcore.metrics import attention_width, matmul_params, step_flops
 from mftcore.model import causal_lm, load_tokenizer, run_decoder
+from mftcore.model import loss_model as loss_model_module
 from mftcore.model.adapters import build_model
 from mftcore.model.moe import moe_spec, router_aux_loss
 from mftcore.train import train
@@ -160,7 +161,7 @@ class InfGradient(torch.autograd.Function):
 
 
 def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(tmp_path, monkeypatch):
-    real, calls = train_module.batch_loss, [0]
+    real, calls = loss_model_module.batch_loss, [0]
 
     def poisoned(*args, **kwargs):  # one micro-batch per step: call n is step n
         calls[0] += 1
@@ -171,7 +172,7 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(tmp_path
             return out._replace(loss=InfGradient.apply(out.loss))
         return out
 
-    monkeypatch.setattr(train_module, "batch_loss", poisoned)
+    monkeypatch.setattr(loss_model_module, "batch_loss", poisoned)  # what the trainer's LossModel calls
     cfg = engine_config(tmp_path / "out", max_train_steps=10, checkpointing_steps=4, max_consecutive_nonfinite=2)
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss .*checkpoint-7"):
         train(cfg)

@@ -35,8 +35,6 @@ MFTCODER_DEFAULTS = {
     "weight_by_num_documents": True, "make_vocab_size_divisible_by": 32, "model_parallel_size": 1,
     "use_slow_tokenizer": False, "world_size": 8,
 }
-# Keys that the distributed engine (in flight) brings.
-IN_FLIGHT = {"distributed_type", "deepspeed_config"}
 # MFTCoder's defaults peft_type "qlora" / quantization "4bit" adapt a pretrained model; TINY builds one.
 NEEDS_PRETRAINED = {"peft_type", "quantization"}
 TINY = {"tokenizer_path": TOKENIZER, "model_config": TINY_CONFIGS["llama"]}
@@ -44,10 +42,10 @@ TINY = {"tokenizer_path": TOKENIZER, "model_config": TINY_CONFIGS["llama"]}
 
 def test_every_other_mftcoder_key_loads_with_its_default():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(MFTCODER_DEFAULTS) - IN_FLIGHT <= fields
-    skip = IN_FLIGHT | NEEDS_PRETRAINED
+    assert set(MFTCODER_DEFAULTS) <= fields
     with pytest.warns(UserWarning, match="flash_attn is not installed"):  # MFTCoder's default backend
-        cfg = TrainConfig.from_dict({k: v for k, v in MFTCODER_DEFAULTS.items() if k not in skip} | TINY)
+        cfg = TrainConfig.from_dict({k: v for k, v in MFTCODER_DEFAULTS.items() if k not in NEEDS_PRETRAINED}
+                                    | TINY)
     assert cfg.trust_remote_code is True and cfg.world_size == 8 and cfg.use_dynamic_padding
 
 
@@ -148,16 +146,10 @@ def test_linear_and_constant_with_warmup_schedules():
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))), ids=os.path.basename)
-def test_shipped_configs_load_or_wait_only_for_features_in_flight(path):
+def test_shipped_configs_load(path):
     with open(path) as f:
         raw = json.load(f)
     if "zero_optimization" in raw:  # a DeepSpeed config, referenced by deepspeed_config
         assert raw["zero_optimization"]["stage"] in (2, 3)
         return
-    if os.path.basename(path) in ("tiny.json", "full.json"):  # these need nothing in flight
-        TrainConfig.from_dict(raw, source=path)
-        return
-    try:
-        TrainConfig.from_dict(raw, source=path)
-    except ConfigError as e:
-        assert any(f"'{key}'" in str(e) or f" {key}:" in str(e) for key in IN_FLIGHT), str(e)
+    TrainConfig.from_dict(raw, source=path)

@@ -61,6 +61,16 @@ def collate_padded(samples, pad_id: int) -> Batch:
     return batch
 
 
+def empty_batch(pad_id: int) -> Batch:
+    """One padding token and no loss token: the micro-batch (or evaluation batch) of a rank whose share
+    came up empty, so that every rank runs the same forwards and backwards (their collectives must
+    match) while the loss and the gradients stay exactly those of the real batches. The token is
+    attended to (a fully masked row would give NaN activations, and NaN * 0 is not 0)."""
+    one = torch.ones(1, 1, dtype=torch.int64)
+    return Batch(input_ids=one * pad_id, labels=one * IGNORE_INDEX, task_ids=-one, position_ids=one * 0,
+                 cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1, attention_mask=one)
+
+
 def collate_packed(rows, pad_id: int) -> Batch:
     """rows: lists of samples; each row holds its documents back to back, then padding up to the
     longest row. Labels are shifted and positions restart inside each document; a trailing padding

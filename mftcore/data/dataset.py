@@ -150,14 +150,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 def micro_batches(order: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> list:
     """Split one epoch into global micro-batches of batch_size*world_size; this rank's slice of each.
 
-    The last global batch may be short; a rank whose slice comes up empty gets no batch there, so
-    callers under data parallelism must cope (the distributed issue handles it).
+    The last global batch may be short: a rank whose slice comes up empty gets an empty list there,
+    so every rank has as many micro-batches (StepLoader turns an empty one into a placeholder batch
+    without loss tokens; a rank that skipped it would leave the others waiting in a collective).
     """
     per_step = batch_size * world_size
-    out = []
-    for start in range(0, len(order), per_step):
-        chunk = order[start:start + per_step]
-        mine = chunk[rank::world_size]
-        if len(mine):
-            out.append(mine.tolist())
-    return out
+    return [order[start:start + per_step][rank::world_size].tolist() for start in range(0, len(order), per_step)]

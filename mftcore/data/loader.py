@@ -5,8 +5,10 @@ padding, it is cut into global micro-batches of samples; with packing, the permu
 first packed into rows of seq_length by best-fit-decreasing (C++), the rows are shuffled, and the
 rows are cut into global micro-batches. Either way each rank takes its slice of every global
 micro-batch, so every sample is used exactly once per epoch across ranks, and a sample keeps its
-own task id wherever it lands. A step is `gradient_accumulation_steps` micro-batches and never
-spans two epochs. The position (epoch, step within the epoch) is the whole state:
+own task id wherever it lands; a rank whose slice of the last one is empty gets a placeholder batch
+without loss tokens, so that all ranks run the same micro-batches in every step. A step is
+`gradient_accumulation_steps` micro-batches and never spans two epochs. The position (epoch, step
+within the epoch) is the whole state:
 `state_dict()` / `load_state_dict()` continue from exactly the next step.
 """
 
@@ -16,7 +18,7 @@ import math
 
 import numpy as np
 
-from mftcore.data.batch import collate_packed, collate_padded
+from mftcore.data.batch import collate_packed, collate_padded, empty_batch
 from mftcore.data.dataset import epoch_order, micro_batches, sample_lengths
 from mftcore.data.packing import best_fit_decreasing, rows_from_bins
 
@@ -84,6 +86,8 @@ class StepLoader:
         return [[rows[r] for r in g] for g in groups]
 
     def _collate(self, group) -> object:
+        if not len(group):  # this rank's slice of the epoch's last global micro-batch is empty
+            return empty_batch(self.pad_id)
         if self.pack:
             return collate_packed([[self.samples[int(j)] for j in row] for row in group], self.pad_id)
         return collate_padded([self.samples[j] for j in group], self.pad_id)

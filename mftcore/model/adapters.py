@@ -92,8 +92,10 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_model(cfg, vocab_size: int, device: torch.device):
-    """The model ready to train on `device`: loaded, quantized and/or adapted, checkpointing set."""
+def build_model(cfg, vocab_size: int, device: torch.device, *, place: bool = True):
+    """The model ready to train on `device`: loaded, quantized and/or adapted, checkpointing set.
+    place=False leaves an unquantized model on the CPU, for FSDP2, which moves each shard to `device`
+    as it shards (a full copy per GPU would otherwise be the memory peak)."""
     from mftcore.model import load_model
 
     dtype = compute_dtype(cfg, device)
@@ -101,7 +103,7 @@ def build_model(cfg, vocab_size: int, device: torch.device):
     # transformers places a quantized model itself (device_map); the rest is moved after loading.
     model = load_model(cfg, vocab_size, dtype=storage_dtype(cfg, dtype), quantization_config=quant,
                        device_map=None if quant is None else {"": str(device)})
-    if quant is None:
+    if quant is None and place:
         model = model.to(device)
     if cfg.peft_type in ("lora", "qlora"):
         model = add_adapters(model, cfg)
