@@ -153,3 +153,46 @@ def test_shipped_configs_load(path):
         assert raw["zero_optimization"]["stage"] in (2, 3)
         return
     TrainConfig.from_dict(raw, source=path)
+
+
+# MFTCoder's four shipped train configs (mftcoder_accelerate/src/configs/*_train_config.json, 8ba13f4),
+# key for key; only the $PLACEHOLDERS are filled in by the test, as a user fills them in.
+MFTCODER_COMMON = {
+    "data_paths": "$DATA_PATHS", "output_dir": "$OUTPUT_DIR", "tb_dir": "$TensorBoard_DIR",
+    "pretrained_model_path": "$MODEL_NAME_OR_PATH", "model_type": "$MODEL_TYPE", "load_raw_dataset": True,
+    "data_split": "98,2,0", "padding_mode": "padding", "use_dynamic_padding": True, "tokenize_mode": "sft",
+    "tokenizer_type": "AutoTokenizer", "weighted_loss_mode": "case3", "attn_implementation": "flash_attention_2",
+    "seq_length": 4096, "seed": 1234, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+    "learning_rate": 5e-5, "min_lr": 5e-6, "weight_decay": 0.1, "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "cosine", "num_warmup_steps": 300, "num_train_epochs": 4, "resume_from_checkpoint": None,
+    "log_interval": 10, "checkpointing_steps": 100, "evaluation_steps": 100, "max_train_steps": None,
+    "epoch_checkpointing": True, "shuffle_before_split": True, "early_stopping": True,
+    "early_stopping_stall_num": 5, "saving_limit": None,
+}
+LORA = {"lora_rank": 96, "lora_alpha": 32, "lora_dropout": 0.05}
+MFTCODER_CONFIGS = {
+    "full": {**MFTCODER_COMMON, "peft_type": None, "saving_limit": 3},
+    "lora": {**MFTCODER_COMMON, "peft_type": "lora", "quantization": None, **LORA},
+    "qlora": {**MFTCODER_COMMON, "peft_type": "qlora", "quantization": "4bit", **LORA},
+    "coba": {**MFTCODER_COMMON, "data_split": "95,5,0", "weighted_loss_mode": "coba", "coba_warmup_steps": 100,
+             "coba_history_length": 200, "coba_tau": 5, "coba_update_interval": 1, "coba_sample_valid_num": 1,
+             "peft_type": "qlora", "quantization": "4bit", **LORA, "per_device_train_batch_size": 8,
+             "per_device_eval_batch_size": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MFTCODER_CONFIGS))
+def test_mftcoder_train_configs_run_unchanged(name, tmp_path, tokenizer):
+    """Each of MFTCoder's configs trains as MFTCoder launches it (--train_config plus its flags), cut to two
+    steps by one override; flash_attention_2 runs on mftcore_varlen where flash_attn is missing."""
+    base = save_tiny_llama(str(tmp_path / "base"), tokenizer)
+    values = {"$DATA_PATHS": "[" + ",".join(DATA) + "]", "$OUTPUT_DIR": str(tmp_path / "out"),
+              "$TensorBoard_DIR": str(tmp_path / "tb"), "$MODEL_NAME_OR_PATH": base, "$MODEL_TYPE": "llama"}
+    raw = {k: values.get(v, v) if isinstance(v, str) else v for k, v in MFTCODER_CONFIGS[name].items()}
+    path = tmp_path / f"{name}_train_config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match="flash_attn is not installed"):
+        assert main(["train", "--train_config", str(path), "max_train_steps=2"]) == 0
+    final = tmp_path / "out" / "final"
+    weights = "model.safetensors" if name == "full" else "adapter_model.safetensors"
+    assert (final / weights).is_file() and (tmp_path / "tb").is_dir()
