@@ -23,10 +23,11 @@ def report(section: str, measured: dict) -> list:
     return gate_failures(section, measured, GATES)
 
 
-def test_packing_gates_at_100k():
-    """The 1M benchmark's gates on 100k lengths: C++ >= 50x the same algorithm in Python (and the same
-    bins), faster than a Python next-fit, rows >= 99.9% full. Fastest of several runs each."""
-    result = bench_packing.measure_packing(100_000, repeats_cpp=7, repeats_py=2)
+def test_packing_gates_at_1m():
+    """The benchmark's gates at its size, 1M lengths: C++ >= 50x the same algorithm in Python (and the same
+    bins), faster than a Python next-fit, rows >= 99.9% full. Fastest of several runs each. (At 100k the
+    C++ side takes ~2 ms and a loaded machine's noise once pushed the ratio to 36x: too small to gate.)"""
+    result = bench_packing.measure_packing(1_000_000, repeats_cpp=7, repeats_py=2)
     failed = report("packing", result)
     assert failed == [] and result["same_bins_as_python"], (failed, result)
     assert result["fill_next_fit"] < 0.9  # the baseline really is the weaker packer
