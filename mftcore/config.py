@@ -12,7 +12,7 @@ import importlib.util
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from mftcore.errors import ConfigError
@@ -206,15 +206,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str, overrides: list[str] | tuple = ()) -> "TrainConfig":
         """Read a JSON config, apply `key=value` overrides (value parsed as JSON, else a string), validate."""
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the config must be a JSON object")
+        raw = read_json_object(path, f"{path}: config file not found")
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep:
@@ -404,6 +396,20 @@ def resolve_attn_implementation(value: Optional[str], padding_mode: str, source:
         warnings.warn(f"{source}: attn_implementation: flash_attn is not installed; using mftcore_varlen instead")
         return "mftcore_varlen"
     return value
+
+
+def read_json_object(path: str, missing: str) -> dict:
+    """A JSON object from a file; one-line ConfigErrors: `missing` if absent, path:line if invalid."""
+    if not os.path.isfile(path):
+        raise ConfigError(missing)
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    return raw
 
 
 def parse_value(text: str) -> Any:

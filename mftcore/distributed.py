@@ -272,8 +272,6 @@ class Engine:
 
     # --- checkpoints (format "dcp"; the "hf" format is written by mftcore.checkpoint) ---------------
     def dcp_options(self, **kwargs):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         return frozen_free_options(self.peft, **kwargs)
 
     def save_sharded(self, directory: str) -> None:

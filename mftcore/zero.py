@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import warnings
 
 import torch
 
+from mftcore.config import read_json_object
 from mftcore.distributed import Engine
 from mftcore.errors import ConfigError
 
@@ -50,16 +50,7 @@ def read_deepspeed_config(value) -> tuple:
     """(dict, name for messages) from an inline dict or a JSON file."""
     if isinstance(value, dict):
         return copy.deepcopy(value), "deepspeed_config"
-    if not os.path.isfile(value):
-        raise ConfigError(f"deepspeed_config: {value}: file not found")
-    with open(value, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{value}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"deepspeed_config: {value}: must hold a JSON object")
-    return raw, value
+    return read_json_object(value, f"deepspeed_config: {value}: file not found"), value
 
 
 def fill_value(ds: dict, key: str, ours, our_key: str, source: str) -> None:
