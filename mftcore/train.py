@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -109,7 +110,9 @@ def train_step(model, batches, optimizer, scheduler, cfg: TrainConfig, num_tasks
         loss, task_sum, aux_total = distributed.sum_over_ranks(loss, task_sum, aux_total)
     total_loss = loss if aux_total is None else loss + aux_total
     grad_norm, skipped = engine.update(cfg.max_grad_norm, total_loss)
-    scheduler.step()
+    with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
     return StepResult(loss, task_sum, counts, grad_norm, aux_total, skipped)
 
 

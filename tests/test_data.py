@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import threading
 
 import numpy as np
@@ -187,6 +188,41 @@ def test_failed_build_leaves_nothing(tmp_path, tokenizer):
     with pytest.raises(DataError):
         load(make_cfg(tmp_path, [tmp_path / "t"]), tokenizer)
     assert os.listdir(tmp_path / "mftcore_cache") == []
+
+
+KILLED_BUILD = r"""
+import os, signal, sys
+import mftcore.data.cache as cache
+from mftcore.config import TrainConfig
+from mftcore.data import load_tasks
+from mftcore.model import load_tokenizer
+cache.write_index = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # dies with the tokens written
+cfg = TrainConfig.from_dict(dict(data_paths=[sys.argv[1]], tokenizer_path=sys.argv[2], output_dir=sys.argv[3],
+                                 model_config={"model_type": "llama"}, tokenize_workers=1))
+tok = load_tokenizer(cfg)
+load_tasks(cfg, tok, tok.eos_token_id, progress=False)
+"""
+
+
+def test_a_killed_build_is_cleaned_up_by_the_next(tmp_path, tokenizer):
+    import subprocess
+    import sys
+
+    write(tmp_path / "t" / "x.jsonl", [chat(f"q{i}") for i in range(6)])
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(tmp_path / "t"), TOKENIZER, str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    cache_dir = tmp_path / "mftcore_cache"
+    (abandoned,) = os.listdir(cache_dir)
+    assert abandoned.startswith(".tmp-") and os.path.getsize(cache_dir / abandoned / "input_ids.bin") > 0
+    live = cache_dir / ".tmp-being-built-by-this-process"  # a concurrent builder that is still alive
+    live.mkdir()
+    (live / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    data = load(make_cfg(tmp_path, [tmp_path / "t"]), tokenizer)
+    assert not data.cache_reused
+    assert sorted(os.listdir(cache_dir)) == sorted([live.name, os.path.basename(data.cache)])
+    assert sorted(os.listdir(data.cache)) == ["input_ids.bin", "loss_mask.bin", "meta.json", "offsets.npy",
+                                              "sources.npy", "task_ids.npy"]
 
 
 def test_parallel_build_equals_serial_and_the_sample_data(tmp_path, tokenizer):

@@ -189,6 +189,27 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(tmp_path
     assert torch.equal(opt4[0]["exp_avg"], opt7[0]["exp_avg"])
 
 
+def test_fp16_overflow_skips_the_update_lowers_the_scale_and_never_stops_the_run(tmp_path, monkeypatch):
+    """A loss scale of 2**40 overflows the fp16 backward: those updates are skipped, the scaler halves its
+    scale each time until the gradients fit, and none of it counts as a non-finite step."""
+    class HugeScaler(torch.amp.GradScaler):
+        def __init__(self, device):
+            super().__init__(device, init_scale=2.0 ** 40)
+
+    monkeypatch.setattr(train_module.torch.amp, "GradScaler", HugeScaler)
+    cfg = engine_config(tmp_path / "out", mixed_precision="fp16", max_train_steps=40, checkpointing_steps=40,
+                        per_device_train_batch_size=2, max_consecutive_nonfinite=1)
+    train(cfg)
+    with open(tmp_path / "out" / "checkpoint-40" / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["skipped_steps"] == 0 and state["nonfinite_in_a_row"] == 0
+    assert 1 < state["overflow_steps"] < 40, state  # some updates overflowed, and then training went on
+    scale = torch.load(tmp_path / "out" / "checkpoint-40" / "scaler.pt", weights_only=True)["scale"]
+    assert scale <= 2.0 ** (40 - state["overflow_steps"])
+    losses = [r["loss"] for r in read_metrics(cfg.output_dir, "train")]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 def test_metrics_throughput_mfu_memory_and_task_tokens(tmp_path):
     cfg = engine_config(tmp_path / "out", max_train_steps=2, peak_tflops=0.5, weighted_loss_mode="selfpaced",
                         selfpaced_history_length=1)

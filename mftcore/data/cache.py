@@ -12,8 +12,9 @@ deleted by hand. An entry holds
     task_ids.npy   int32 [N] task of each sample
     sources.npy    int64 [N, 2] (file index in meta["files"], line) of each sample
 It is written under a temporary name and renamed when complete, so a reader never sees half of one
-and two concurrent builders cannot corrupt it. Under torchrun, local rank 0 builds and the other
-ranks wait for the rename.
+and two concurrent builders cannot corrupt it; a build killed before the rename leaves a temporary
+directory that the next build on the same host removes. Under torchrun, local rank 0 builds and the
+other ranks wait for the rename.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ from mftcore.errors import DataError
 
 FORMAT = 1  # bump when rendering or the layout changes: every old entry is then ignored
 MAX_SKIP_EXAMPLES = 3
+OWNER_FILE = "owner"  # in a temporary entry: "host pid" of its builder
 
 
 def task_names(paths: list) -> list:
@@ -162,8 +165,11 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
     jobs = ((lines, first, (fi, size)) for fi, (_, f) in enumerate(files) for lines, first, size in read_chunks(f))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    remove_abandoned(parent)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+    with open(os.path.join(tmp, OWNER_FILE), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         lengths, task_ids, sources = [], [], []
         # On a terminal only (tqdm's disable=None), so that logs and error output stay one line each.
@@ -198,6 +204,7 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
                 "num_samples": int(sum(t["samples"] for t in tasks))}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
+        os.remove(os.path.join(tmp, OWNER_FILE))
         try:
             os.rename(tmp, path)
         except OSError:
@@ -207,6 +214,33 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_abandoned(cache_dir: str) -> None:
+    """Temporary entries whose builder died (SIGKILL, power loss) on this host; a live builder's, or
+    another host's on a shared file system, are left alone."""
+    host = socket.gethostname()
+    for name in os.listdir(cache_dir):
+        tmp = os.path.join(cache_dir, name)
+        if not name.startswith(".tmp-"):
+            continue
+        try:
+            with open(os.path.join(tmp, OWNER_FILE)) as f:
+                owner_host, pid = f.read().split()
+        except (OSError, ValueError):
+            continue  # just created, or not ours: leave it
+        if owner_host == host and not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def write_index(directory: str, lengths: np.ndarray, task_ids: np.ndarray, sources: np.ndarray) -> None:
