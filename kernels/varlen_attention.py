@@ -106,20 +106,30 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, off
     return acc, l_i, m_i
 
 
+@triton.jit
+def _query_block(CU, num_m_blocks, causal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's segment (start, seqlen) and query block m0 (causal: the longest rows of a segment
+    start first), and its key ranges, shared by the forward and dQ: keys [0, full_hi) need no mask,
+    [full_hi, masked_hi) do (causal: the diagonal blocks; otherwise the segment's last, partial key
+    block). shift = 0 makes the mask causal. The caller returns when m0 >= seqlen."""
+    pid = tl.program_id(0)
+    m0 = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
+    start = tl.load(CU + pid // num_m_blocks)
+    seqlen = tl.load(CU + pid // num_m_blocks + 1) - start
+    shift = (1 - causal) * seqlen
+    full_hi = tl.where(causal != 0, m0, (seqlen // BLOCK_N) * BLOCK_N)
+    masked_hi = tl.where(causal != 0, tl.minimum(m0 + BLOCK_M, seqlen), seqlen)
+    return start.to(tl.int64), seqlen, m0, shift, full_hi, masked_hi
+
+
 @triton.jit(do_not_specialize=["causal", "group", "total_tokens", "num_m_blocks"])
 def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, causal, group, total_tokens, num_m_blocks,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    seq = pid // num_m_blocks
-    m_block = num_m_blocks - 1 - pid % num_m_blocks  # causal: the longest rows of a segment start first
-    head = tl.program_id(1)
-    start = tl.load(CU + seq)
-    seqlen = tl.load(CU + seq + 1) - start
-    m0 = m_block * BLOCK_M
+    start, seqlen, m0, shift, full_hi, masked_hi = _query_block(CU, num_m_blocks, causal, BLOCK_M, BLOCK_N)
     if m0 >= seqlen:
         return
-    start = start.to(tl.int64)
+    head = tl.program_id(1)
     kv_head = head // group
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -131,11 +141,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, causal, group, total_tokens, num_
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    # causal: keys before m0 are visible to every row of the block, the diagonal blocks need the mask;
-    # otherwise only the segment's last, partial key block does. shift = 0 makes the mask causal.
-    shift = (1 - causal) * seqlen
-    full_hi = tl.where(causal != 0, m0, (seqlen // BLOCK_N) * BLOCK_N)
-    masked_hi = tl.where(causal != 0, tl.minimum(m0 + BLOCK_M, seqlen), seqlen)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
                                seqlen, shift, qk_scale, 0, full_hi, HEAD_DIM, D_PAD, BLOCK_N, False)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
@@ -255,16 +260,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, CU, DQ, sm_scale, qk_scale, causal, 
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dqt, stride_dqh,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    seq = pid // num_m_blocks
-    m_block = num_m_blocks - 1 - pid % num_m_blocks
-    head = tl.program_id(1)
-    start = tl.load(CU + seq)
-    seqlen = tl.load(CU + seq + 1) - start
-    m0 = m_block * BLOCK_M
+    start, seqlen, m0, shift, full_hi, masked_hi = _query_block(CU, num_m_blocks, causal, BLOCK_M, BLOCK_N)
     if m0 >= seqlen:
         return
-    start = start.to(tl.int64)
+    head = tl.program_id(1)
     kv_head = head // group
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -275,9 +274,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, CU, DQ, sm_scale, qk_scale, causal, 
     delta = tl.load(DELTA + head.to(tl.int64) * total_tokens + start + rows, mask=rows < seqlen, other=0.0)
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
-    shift = (1 - causal) * seqlen
-    full_hi = tl.where(causal != 0, m0, (seqlen // BLOCK_N) * BLOCK_N)
-    masked_hi = tl.where(causal != 0, tl.minimum(m0 + BLOCK_M, seqlen), seqlen)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, seqlen,
                        shift, qk_scale, 0, full_hi, HEAD_DIM, D_PAD, BLOCK_N, False)
