@@ -167,10 +167,10 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
     os.makedirs(parent, exist_ok=True)
     remove_abandoned(parent)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
-    with open(os.path.join(tmp, OWNER_FILE), "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+        with open(os.path.join(tmp, OWNER_FILE), "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
         lengths, task_ids, sources = [], [], []
         # On a terminal only (tqdm's disable=None), so that logs and error output stay one line each.
         bar = tqdm(total=sum(os.path.getsize(f) for _, f in files), unit="B", unit_scale=True, desc="tokenize",
@@ -221,9 +221,9 @@ def remove_abandoned(cache_dir: str) -> None:
     another host's on a shared file system, are left alone."""
     host = socket.gethostname()
     for name in os.listdir(cache_dir):
-        tmp = os.path.join(cache_dir, name)
         if not name.startswith(".tmp-"):
             continue
+        tmp = os.path.join(cache_dir, name)
         try:
             with open(os.path.join(tmp, OWNER_FILE)) as f:
                 owner_host, pid = f.read().split()
