@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
-from tiny_models import TINY_CONFIGS, TOKENIZER, save_tiny_llama
+from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER, save_tiny_llama
 
-from conftest import DATA, ROOT
+from tests.helpers.paths import DATA, ROOT
 from mftcore.cli import build_parser, main, train_config_and_overrides
 from mftcore.config import TrainConfig
 from mftcore.errors import ConfigError

@@ -6,9 +6,9 @@ import re
 import shlex
 
 import torch
-from tiny_models import save_tiny_llama
+from tests.helpers.tiny_models import save_tiny_llama
 
-from conftest import ROOT
+from tests.helpers.paths import ROOT
 from mftcore.cli import main
 from mftcore.model.families import FAMILIES
 

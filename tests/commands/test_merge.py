@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import build_tiny, save_tiny_llama
+from tests.helpers.tiny_models import build_tiny, save_tiny_llama
 
 from mftcore.cli import main
 from mftcore.data.render import render_prompt, render_record
@@ -156,7 +156,7 @@ def test_merge_errors_are_one_line_and_leave_nothing(base, tmp_path, capsys, tok
     {"system": "{% raw %}S'\"}}:\n", "user": "### Q 😀\n", "assistant": "{{ A }}\n"},  # cannot escape the literal
 ])
 def test_chat_template_renders_every_training_string(markers):
-    from tiny_models import TOKENIZER
+    from tests.helpers.tiny_models import TOKENIZER
     from transformers import AutoTokenizer
 
     from mftcore.data.chat_template import build_chat_template

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import save_tiny_llama
+from tests.helpers.tiny_models import save_tiny_llama
 
 from mftcore.cli import main
 from mftcore.data.render import render_record, tokenize_segments
@@ -131,7 +131,7 @@ def test_bad_prompt_line_names_file_and_line(model_dir, tmp_path, capsys, line, 
 
 
 def test_model_directory_without_tokenizer_or_fitting_adapter(model_dir, tmp_path, capsys, tokenizer):
-    from tiny_models import build_tiny
+    from tests.helpers.tiny_models import build_tiny
 
     weights_only = str(tmp_path / "checkpoint-5")
     build_tiny("llama", len(tokenizer)).save_pretrained(weights_only)

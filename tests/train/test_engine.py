@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import TINY_MODEL
-from engine_helpers import engine_config, read_metrics, save_tiny_pretrained, tensors, tiny_pretrained
+from tests.helpers.paths import TINY_MODEL
+from tests.helpers.engine import engine_config, read_metrics, save_tiny_pretrained, tensors
 from mftcore import evaluate as evaluate_module
 from mftcore import train as train_module
 from mftcore.data import collate_padded, load_tasks
@@ -24,7 +24,6 @@ from mftcore.model.adapters import build_model
 from mftcore.model.moe import moe_spec, router_aux_loss
 from mftcore.train import train
 
-assert tiny_pretrained  # a fixture, used by name below
 CPU = torch.device("cpu")
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mftcore.kernels import cross_entropy as ce
+from tests.helpers.paths import ROOT
 
-PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_cross_entropy.py")
+PATH = os.path.join(ROOT, "bench", "bench_cross_entropy.py")
 spec = importlib.util.spec_from_file_location("bench_cross_entropy", PATH)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)

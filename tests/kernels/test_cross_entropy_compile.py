@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from compile_check import dump_cubin
+from tests.helpers.compile_check import dump_cubin
 
 from mftcore.kernels import cross_entropy as ce
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.helpers.paths import ROOT
 from mftcore.benchmarks import device_slug, format_table, load_bench_module, slug
 from mftcore.cli import main
 
@@ -101,7 +101,7 @@ def test_results_names_and_tables():
 
 def test_gpu_check_dry_run_runs_every_stage_and_writes_the_results(tmp_path):
     rc = gpu_check.main(["--dry-run", "--results-dir", str(tmp_path), "--pytest-args",
-                         "tests/test_bench_cross_entropy.py"])
+                         "tests/bench/test_bench_cross_entropy.py"])
     path = tmp_path / f"dry-run-{device_slug('cpu')}.json"
     record = json.loads(path.read_text())
     stages = {s["stage"]: s for s in record["stages"]}

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import DATA, ROOT, TINY_MODEL, TOKENIZER
-from engine_helpers import engine_config, read_metrics, tensors, write_config
+from tests.helpers.paths import DATA, ROOT, TINY_MODEL, TOKENIZER
+from tests.helpers.engine import engine_config, read_metrics, tensors, write_config
 from mftcore import distributed
 from mftcore.cli import main
 from mftcore.config import TrainConfig

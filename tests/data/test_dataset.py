@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import DATA, TOKENIZER
+from tests.helpers.paths import DATA, TOKENIZER
 from mftcore.config import TrainConfig
 from mftcore.data import load_tasks, report_lines
 from mftcore.data.cache import SampleStore, prepare_cache

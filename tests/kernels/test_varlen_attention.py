@@ -13,10 +13,10 @@ import torch
 from mftcore.kernels import varlen_attention
 
 va = sys.modules["mftcore.kernels.varlen_attention"]  # the module; the package exports its function
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import ROOT
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_varlen_attention as bench  # noqa: E402
-import compile_check  # noqa: E402
+from tests.helpers import compile_check  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -76,7 +76,7 @@ def test_triton_kernels_in_the_interpreter():
     triton, hence its own process; the suite's other tests keep the compiled (or reference) paths."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           os.path.join(ROOT, "tests", "interpret", "varlen_attention_cases.py")],
+                           os.path.join(ROOT, "tests", "kernels", "varlen_attention_cases.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from mftcore.kernels.cross_entropy import masked_cross_entropy_reference
 from mftcore.loss import MFTLoss
+from tests.helpers.paths import ROOT
 
 K, VOCAB = 3, 40
 
@@ -112,6 +113,6 @@ def test_trainer_trains_with_gradient_accumulation(tmp_path):
 
 
 def test_readme_recipe_is_this_class():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
     body = inspect.getsource(MFTTrainer).split('"""', 2)[2].lstrip("\n")  # the class after its docstring
     assert "class MFTTrainer(Trainer):" in readme and body in readme

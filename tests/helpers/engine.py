@@ -3,11 +3,10 @@
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, TINY_MODEL, TOKENIZER
+from tests.helpers.paths import DATA, TINY_MODEL, TOKENIZER
 from mftcore.config import TrainConfig
 
 BASE = {
@@ -40,11 +39,6 @@ def save_tiny_pretrained(path, **config_updates) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture(scope="session")
-def tiny_pretrained(tmp_path_factory):
-    return save_tiny_pretrained(tmp_path_factory.mktemp("pretrained"))
 
 
 def read_metrics(output_dir, split=None) -> list:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from tests.helpers.paths import TINY_MODEL
 from mftcore.data import IGNORE_INDEX, Sample, StepLoader, collate_packed, collate_padded
 from mftcore.model import hidden_states, packed_attention_mask
 

@@ -9,14 +9,14 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.paths import ROOT
 
 
 def test_cases_pass_in_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         os.path.join("tests", "test_cross_entropy_cases.py")],
+         os.path.join("tests", "kernels", "test_cross_entropy_cases.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import TINY_CONFIGS, TOKENIZER
+from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER
 
-from conftest import DATA
+from tests.helpers.paths import DATA
 from mftcore.config import TrainConfig
 from mftcore.data import collate_padded, load_tasks
 from mftcore.errors import ConfigError

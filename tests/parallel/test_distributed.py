@@ -23,12 +23,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT
-from engine_helpers import engine_config, read_metrics, tensors, tiny_pretrained, write_config
+from tests.helpers.paths import ROOT
+from tests.helpers.engine import engine_config, read_metrics, tensors, write_config
 from mftcore.cli import main
 from mftcore.train import train
 
-assert tiny_pretrained  # a fixture, used by name below
 
 # 11 train samples per task (33 = 4 global micro-batches of 8, then 1), 4 valid per task (12 = 5 + 5 + 2).
 # Tokenizing in-process: the launch's process group exists before the first run builds the data cache,
@@ -82,7 +81,7 @@ def runs(tmp_path_factory, tiny_pretrained):
         cfg.update(output_dir=str(root / f"{name}-resumed"), resume_from_checkpoint=str(out[name] / "checkpoint-2"))
         (root / f"{name}-resumed.json").write_text(json.dumps(cfg))
         configs.append(str(root / f"{name}-resumed.json"))
-    launch(["--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "tests", "distributed_runs.py"), *configs],
+    launch(["--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "tests", "helpers", "distributed_runs.py"), *configs],
            cwd=root)
     return out
 
