@@ -1,97 +1,50 @@
-"""Checkpoints and the final model, written to a temporary directory and renamed when complete.
+"""The checkpoint directory protocol: what checkpoint-<step>/ holds, how it appears (atomically), which
+one a run resumes from, which ones are pruned, and the random-number generator states.
 
-checkpoint-{step}/ holds everything a run needs to continue exactly as if it had never stopped:
-  model.safetensors + config.json      full fine-tuning (plain `from_pretrained` loads it), or
-  adapter_model.safetensors + adapter_config.json   LoRA/QLoRA (plain `PeftModel.from_pretrained`)
-  optimizer.pt, scheduler.pt, [scaler.pt]   torch state dicts (tensors and numbers only)
-  rng_state_{rank}.pt                  python, numpy, torch CPU and CUDA generator states, one per rank
-  trainer_state.json                   step, data position, loss-mode state, best/stall, counters,
-                                       the weights' format and the world size
-  mftcore_config.json                  the training config (what `mftcore export` rebuilds the model from)
-That is the "hf" format of one process and of DDP (rank 0 writes the weights). Sharded engines keep
-their own formats in place of the weights and optimizer files: "dcp" (FSDP2,
-torch.distributed.checkpoint shards in dcp/) and "deepspeed" (DeepSpeed's files in deepspeed/).
-`export_checkpoint` turns any of them into one HF model or PEFT adapter directory.
-Everything but DeepSpeed's files is read back with safetensors or torch.load(weights_only=True).
-Directories only ever appear complete (atomic rename; with several ranks, rank 0 renames once every
-rank has written), so the newest one is usable even after a SIGKILL in the middle of a save.
+A checkpoint holds the engine's files (`engine.save`: HF safetensors + optimizer.pt for one process
+and DDP, torch.distributed.checkpoint shards for FSDP2, DeepSpeed's own files), scheduler.pt, the
+training config (mftcore_config.json), trainer_state.json (step, engine, format, world size, the loop's
+counters, the data position and the loss-mode state) and one rng_state_<rank>.pt per rank. Everything
+but DeepSpeed's files is read back with safetensors or torch.load(weights_only=True). Directories only
+ever appear complete (atomic rename; with several ranks, rank 0 renames once every rank has written),
+so the newest one is usable even after a SIGKILL in the middle of a save. `mftcore export`
+(commands/export.py) turns a checkpoint of any engine into one HF model directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import json
 import os
 import random
 import re
-import shutil
-import uuid
 
 import numpy as np
 import torch
 
-from mftcore import distributed
 from mftcore.errors import ConfigError
+from mftcore.io import CONFIG_FILE, STATE_FILE, atomic_dir, atomic_write_json, read_json_object, remove_dir
+from mftcore.parallel import ENGINES, comm
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "mftcore_config.json"
-FORMAT_ENGINES = {"hf": "one-process or ddp", "dcp": "fsdp", "deepspeed": "deepspeed"}
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(path):
-        old = os.path.join(parent, f".old-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def shared_atomic_dir(path: str, rank: int = 0):
     """atomic_dir for every rank of a run: rank 0 makes the temporary directory and tells the others
     its name; each rank writes its files; rank 0 renames once all have finished."""
-    if not distributed.is_distributed():
+    if not comm.is_distributed():
         with atomic_dir(path) as tmp:
             yield tmp
         return
     if rank == 0:
         with atomic_dir(path) as tmp:
-            distributed.broadcast_object(tmp)
+            comm.broadcast_object(tmp)
             yield tmp
-            distributed.barrier()  # every rank's files are in
+            comm.barrier()  # every rank's files are in
     else:
-        yield distributed.broadcast_object(None)
-        distributed.barrier()
-    distributed.barrier()  # renamed: the checkpoint exists for every rank
-
-
-def remove_dir(path: str) -> None:
-    """Rename out of the checkpoint namespace first, so that a kill mid-delete leaves no half checkpoint."""
-    doomed = os.path.join(os.path.dirname(path), f".del-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def remove_leftovers(output_dir: str) -> None:
-    """Temporary directories of saves or deletes that a killed run did not finish."""
-    for pattern in (".tmp-*", ".old-*", ".del-*"):
-        for path in glob.glob(os.path.join(output_dir, pattern)):
-            shutil.rmtree(path, ignore_errors=True)
+        yield comm.broadcast_object(None)
+        comm.barrier()
+    comm.barrier()  # renamed: the checkpoint exists for every rank
 
 
 # --- RNG ---------------------------------------------------------------------------------------
@@ -127,27 +80,16 @@ def save_checkpoint(output_dir: str, step: int, engine, scheduler, state: dict, 
     path = os.path.join(output_dir, f"checkpoint-{step}")
     rank = engine.rank
     with shared_atomic_dir(path, rank) as tmp:
-        if engine.format == "hf":
-            if rank == 0:
-                engine.model.save_pretrained(tmp, safe_serialization=True)
-                torch.save(engine.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        else:
-            engine.save_sharded(tmp)
+        engine.save(tmp)
         if rank == 0:
             torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            if engine.scaler is not None:
-                torch.save(engine.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
             if config is not None:
-                write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
-            write_json(os.path.join(tmp, STATE_FILE), {"step": step, "format": engine.format,
-                                                       "world_size": engine.world_size, **state})
+                atomic_write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
+            atomic_write_json(os.path.join(tmp, STATE_FILE), {"step": step, "engine": engine.name,
+                                                              "format": engine.format,
+                                                              "world_size": engine.world_size, **state})
         torch.save(capture_rng(), os.path.join(tmp, f"rng_state_{rank}.pt"))
     return path
-
-
-def write_json(path: str, value: dict, indent: int = 1) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=indent)
 
 
 def save_model_dir(path: str, model, tokenizer, config: dict, state_dict=None) -> str:
@@ -158,20 +100,18 @@ def save_model_dir(path: str, model, tokenizer, config: dict, state_dict=None) -
         kwargs = {} if state_dict is None else {"state_dict": state_dict}
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
         tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
+        atomic_write_json(os.path.join(tmp, CONFIG_FILE), config, indent=2)
     return path
 
 
 def save_final(output_dir: str, engine, tokenizer, config: dict) -> str:
-    """final/: the trained model as one HF directory. `engine` is a distributed.Engine (every rank
-    calls this: sharded engines gather the weights to rank 0) or a bare model."""
+    """final/: the trained model as one HF directory; every rank calls it (a sharded engine gathers the
+    weights to rank 0)."""
     path = os.path.join(output_dir, "final")
-    if not hasattr(engine, "full_state_dict"):
-        return save_model_dir(path, engine, tokenizer, config)
     state_dict = engine.full_state_dict()
     if engine.rank == 0:
         save_model_dir(path, engine.model, tokenizer, config, state_dict)
-    distributed.barrier()
+    comm.barrier()
     return path
 
 
@@ -235,75 +175,25 @@ def resolve_resume(cfg):
 
 # --- load --------------------------------------------------------------------------------------
 
-def read_safetensors(path: str, stem: str) -> dict:
-    """{name: tensor} of `stem`.safetensors, or of all shards listed by `stem`.safetensors.index.json."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(path, f"{stem}.safetensors")
-    if os.path.isfile(single):
-        return load_file(single)
-    index = single + ".index.json"
-    if not os.path.isfile(index):
-        raise ConfigError(f"resume_from_checkpoint: {path}: no {stem}.safetensors")
-    with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-        state.update(load_file(os.path.join(path, shard)))
-    return state
-
-
-def load_model_weights(path: str, model) -> None:
-    """The checkpoint's weights into `model` (adapter weights for a PeftModel), in place."""
-    from mftcore.model.adapters import is_adapter_model
-
-    if is_adapter_model(model):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, read_safetensors(path, "adapter_model"))
-        missing = [k for k in result.missing_keys if "lora_" in k]
-    else:
-        result = model.load_state_dict(read_safetensors(path, "model"), strict=False)
-        # Tied weights (lm_head = embed_tokens) are saved once; they come back through their twin.
-        own = model.state_dict()
-        loaded_ptrs = {own[k].data_ptr() for k in own if k not in set(result.missing_keys)}
-        missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
-    if missing:
-        raise ConfigError(f"resume_from_checkpoint: {path}: the checkpoint lacks {missing[:3]} "
-                          f"(was it saved from another model or peft_type?)")
-
-
 def read_state(path: str) -> dict:
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_object(os.path.join(path, STATE_FILE))
 
 
 def load_checkpoint(path: str, engine, scheduler) -> dict:
-    """Restore the model, optimizer, scheduler (and scaler) of `engine` from `path`; returns its trainer
+    """Restore the engine's model and optimizer and the scheduler from `path`; returns its trainer
     state. The RNG states are restored last, by `restore_checkpoint_rng`, once nothing else will draw."""
     state = read_state(path)
     saved = state.get("format", "hf")
     if saved != engine.format:
-        raise ConfigError(f"resume_from_checkpoint: {path} was saved by a {FORMAT_ENGINES[saved]} run, this run "
-                          f"uses distributed_type {engine.kind!r} (export it with `mftcore export` to change engines)")
-    if saved == "deepspeed" and state.get("world_size", 1) != engine.world_size:
-        raise ConfigError(f"resume_from_checkpoint: {path}: DeepSpeed ZeRO checkpoints resume on as many ranks as "
-                          f"saved them ({state.get('world_size')}), not {engine.world_size}")
-    if saved == "hf":
-        load_model_weights(path, engine.model)
-        device = next(engine.model.parameters()).device
-        engine.optimizer.load_state_dict(
-            torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
-    else:
-        engine.load_sharded(path)
+        runs = " or ".join(e.label for e in ENGINES.values() if e.format == saved) or saved
+        raise ConfigError(f"resume_from_checkpoint: {path} was saved by a {runs} run, this run uses distributed_type "
+                          f"{engine.name!r} (export it with `mftcore export` to change engines)")
+    engine.load(path, state)
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
-    if saved == "deepspeed":  # ZeRO keeps no param-group lr in its files: take the schedule's
-        for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-    if engine.scaler is not None:
-        scaler_file = os.path.join(path, "scaler.pt")
-        if os.path.isfile(scaler_file):
-            engine.scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+    # The optimizer's learning rates are the schedule's (DeepSpeed's files do not keep them; elsewhere
+    # this sets the values the optimizer state already holds).
+    for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
     return state
 
 
@@ -312,34 +202,3 @@ def restore_checkpoint_rng(path: str, rank: int = 0) -> bool:
     own = os.path.join(path, f"rng_state_{rank}.pt")
     restore_rng(torch.load(own if os.path.isfile(own) else os.path.join(path, "rng_state_0.pt"), weights_only=True))
     return os.path.isfile(own)
-
-
-# --- export ------------------------------------------------------------------------------------
-
-def export_checkpoint(path: str, out: str) -> str:
-    """One HF model (or PEFT adapter) directory from a checkpoint of any engine, in this one process:
-    the model is rebuilt from the checkpoint's mftcore_config.json (so its pretrained_model_path and
-    tokenizer_path must resolve from here), then the checkpoint's weights are loaded into it."""
-    from mftcore.config import TrainConfig
-    from mftcore.data.chat_template import build_chat_template
-    from mftcore.model import load_tokenizer
-    from mftcore.model.adapters import build_model
-
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise ConfigError(f"export: {path}: not a checkpoint directory (no {STATE_FILE})")
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        raise ConfigError(f"export: {path}: no {CONFIG_FILE} (saved by an older mftcore); its weights are in place")
-    cfg = TrainConfig.from_file(os.path.join(path, CONFIG_FILE))
-    tokenizer = load_tokenizer(cfg)
-    tokenizer.chat_template = build_chat_template(cfg.role_markers)
-    model = build_model(cfg, len(tokenizer), torch.device("cpu"))
-    saved = read_state(path).get("format", "hf")
-    if saved == "dcp":
-        distributed.load_sharded_weights(path, model, cfg.peft_type is not None)
-    elif saved == "deepspeed":
-        from mftcore.zero import load_zero_weights
-
-        load_zero_weights(path, model, cfg.peft_type is not None)
-    else:
-        load_model_weights(path, model)
-    return save_model_dir(out, model, tokenizer, cfg.to_dict())

@@ -1,8 +1,7 @@
 """`mftcore train | prepare | merge | generate | export | bench`. User mistakes print one line and exit 2;
 --debug shows the traceback.
 
-This module only parses arguments and dispatches; the work lives in train.py, data/, merge.py, generate.py,
-checkpoint.py, benchmarks.py.
+This module only parses arguments and dispatches; the work lives in train.py and mftcore/commands/.
 """
 
 from __future__ import annotations
@@ -12,17 +11,7 @@ import json
 import sys
 
 from mftcore.errors import ConfigError, MftcoreError
-
-# MFTCoder's `mft_accelerate.py` flags, each the config key(s) it overrides.
-MFTCODER_TRAIN_FLAGS = {
-    "data_paths": ("data_paths",),
-    "output_dir": ("output_dir",),
-    "tb_dir": ("tb_dir",),
-    "pretrained_model_path": ("pretrained_model_path",),
-    "micro_batch_size": ("per_device_train_batch_size", "per_device_eval_batch_size"),
-    "model_type": ("model_type",),
-    "distributed_type": ("distributed_type",),
-}
+from mftcore import mftcoder
 
 
 def add_train_parser(sub) -> None:
@@ -32,9 +21,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("args", nargs="*", metavar="CONFIG.json [key=value]",
                    help="the config, then overrides of its keys (values read as JSON when they parse)")
     p.add_argument("--train_config", help="the config (MFTCoder's flag; then every positional is an override)")
-    for flag in MFTCODER_TRAIN_FLAGS:
+    for flag in mftcoder.TRAIN_FLAGS:
         p.add_argument(f"--{flag}", type=int if flag == "micro_batch_size" else str,
-                       help=f"overrides {' and '.join(MFTCODER_TRAIN_FLAGS[flag])}")
+                       help=f"overrides {' and '.join(mftcoder.TRAIN_FLAGS[flag])}")
 
 
 def add_prepare_parser(sub) -> None:
@@ -118,7 +107,7 @@ def train_config_and_overrides(args) -> tuple[str, list]:
     else:
         raise ConfigError("train: give a config file (mftcore train CONFIG.json, or --train_config CONFIG.json)")
     overrides = []
-    for flag, keys in MFTCODER_TRAIN_FLAGS.items():
+    for flag, keys in mftcoder.TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:  # json.dumps: "123" stays a string, a path never turns into a number
             overrides += [f"{key}={json.dumps(value)}" for key in keys]
@@ -136,13 +125,15 @@ def run(args) -> int:
         path, overrides = train_config_and_overrides(args)
         train(TrainConfig.from_file(path, overrides))
     elif args.command == "prepare":
+        from mftcore.commands.prepare import prepare
+
         prepare(args.config, args.overrides, args.show)
     elif args.command == "merge":
-        from mftcore.merge import merge
+        from mftcore.commands.merge import merge
 
         merge(args.base, args.adapter, args.out, args.model_type, args.dtype, args.trust_remote_code)
     elif args.command == "generate":
-        from mftcore.generate import Sampling, answer
+        from mftcore.commands.generate import Sampling, answer
 
         sampling = Sampling(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_p,
                             args.num_beams, args.seed)
@@ -150,7 +141,7 @@ def run(args) -> int:
                output=args.output, sampling=sampling, batch_size=args.batch_size,
                trust_remote_code=args.trust_remote_code)
     elif args.command == "export":
-        from mftcore.checkpoint import export_checkpoint
+        from mftcore.commands.export import export_checkpoint
 
         print(export_checkpoint(args.checkpoint, args.out))
     elif args.command == "bench":
@@ -158,21 +149,6 @@ def run(args) -> int:
 
         return run_benchmark(args.name, args.device, args.quick, args.out)
     return 0
-
-
-def prepare(config: str, overrides: list, show: int) -> None:
-    """Build (or find) the data cache; the report goes to stderr, --show's JSON lines to stdout."""
-    from mftcore.config import TrainConfig
-    from mftcore.data import load_tasks, report_lines, show_samples
-    from mftcore.model import load_tokenizer
-
-    cfg = TrainConfig.from_file(config, overrides)
-    tokenizer = load_tokenizer(cfg)
-    data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
-    for line in report_lines(data, cfg):
-        print(line, file=sys.stderr)
-    for line in show_samples(data.train.store, show, tokenizer.eos_token):
-        print(line)
 
 
 def main(argv=None) -> int:

@@ -1,30 +1,34 @@
 """TrainConfig: one dataclass, read from JSON, `key=value` overrides, validated once at start.
 
 Field names are MFTCoder's (`mftcoder_accelerate/src/pefts/mft_arguments.py`) so that its configs
-load unchanged; fields it does not have are marked "mftcore:" in their docstring.
+load unchanged (mftcore/mftcoder.py reads its legacy keys and spellings first); fields it does not
+have are marked "mftcore:" in their docstring. Validation is declarative: every field's type comes from
+its annotation (bools are not ints), then the tables below give ranges and choices, and RULES the few
+checks across fields. Values that depend on the machine (the attention backend, the engine, the
+precision) are resolved by their owners when training starts, never here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import json
-import os
-import warnings
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from mftcore import mftcoder
+from mftcore.data.render import DEFAULT_ROLE_MARKERS
 from mftcore.errors import ConfigError
-
-DYNAMIC_WEIGHTING_MODES = ("self-paced", "selfpaced", "coba")  # task weights from validation-loss slopes
-DEFAULT_ROLE_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
+from mftcore.io import read_json_object
+from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
 
 
 @dataclass
 class TrainConfig:
     # --- data ---
-    data_paths: Union[str, list, None] = None
+    data_paths: Optional[list[str]] = None
     """Task directories, one task each: a JSON list, or MFTCoder's "[a,b]" string."""
     output_dir: str = "output"
     """Where checkpoints, the final model and metrics.jsonl go."""
@@ -38,10 +42,6 @@ class TrainConfig:
     """Longest sample (and packed row) in tokens; longer samples follow long_sample_policy."""
     role_markers: Optional[dict] = None
     """Template before each role, keys system/user/assistant (default `<s>system\\n`, `<s>human\\n`, `<s>bot\\n`)."""
-    load_raw_dataset: bool = True
-    """MFTCoder compatibility: only raw JSONL is supported, so this must stay true."""
-    tokenize_mode: str = "sft"
-    """MFTCoder compatibility: only "sft" (loss on assistant turns) is supported."""
     shuffle_before_split: bool = True
     """Shuffle each task's samples (by seed) before the train/valid split."""
     long_sample_policy: str = "truncate"
@@ -74,12 +74,10 @@ class TrainConfig:
     # --- loss ---
     weighted_loss_mode: str = "case3"
     """case1 token mean, case2 mean of sample means, case3 task-weighted mean of task token means, case4 the same of sample means."""
-    task_weights: Union[None, str, list] = None
+    task_weights: Optional[list] = None
     """Per-task loss weights in data_paths order (a list or "[1,2]" string), for case3/case4; null = all 1."""
 
     # --- training engine: adapters, precision, dynamic weighting, evaluation, checkpoints ---
-    quantization: Optional[str] = None
-    """MFTCoder compatibility: "4bit" with peft_type "qlora" (which implies it), else null."""
     lora_rank: int = 96
     """LoRA rank r."""
     lora_alpha: float = 32
@@ -165,42 +163,21 @@ class TrainConfig:
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
 
-    # --- multi-process training (mftcore/distributed.py, mftcore/zero.py) ---
+    # --- multi-process training (mftcore/parallel/) ---
     distributed_type: Optional[str] = None
     """"none", "ddp", "fsdp" or "deepspeed" (MFTCoder's "FSDP"/"DeepSpeed" too); null: deepspeed if deepspeed_config is set, else ddp when WORLD_SIZE > 1, else none."""
     deepspeed_config: Union[None, str, dict] = None
     """mftcore: DeepSpeed config, a JSON file or an inline dict; batch sizes, clipping and precision are filled from this config (an explicit contradicting value is an error)."""
 
-    # --- MFTCoder keys: accepted so its configs run unchanged (see README "MFTCoder configs") ---
+    # --- MFTCoder's keys of no other section (its legacy keys are read and dropped by mftcore/mftcoder.py) ---
     epoch_checkpointing: bool = False
     """Also save a checkpoint at the end of every epoch."""
-    tokenizer_type: str = "AutoTokenizer"
-    """How the tokenizer is built; only "AutoTokenizer" (as in MFTCoder)."""
-    use_dynamic_padding: bool = True
-    """Pad each batch to its longest sample; false (pad to seq_length) is refused: same loss, more compute."""
-    data_weights: Union[None, str, list] = None
-    """Sampling weights per task; MFTCoder overwrites them with 1.0, so only null or all-1 is accepted."""
-    low_cpu_mem_usage: bool = True
-    """Load weights without a random init first; transformers >= 5 always does, so either value is accepted."""
-    use_random_sampler: bool = True
-    """Legacy, never read by MFTCoder; mftcore always reshuffles the training samples each epoch."""
     init_timeout_seconds: Optional[int] = 3600
     """Timeout of the process-group set-up in multi-process runs, in seconds (null: torch's default)."""
-    use_xformers: bool = True
-    """Legacy, ignored: the attention backend is attn_implementation."""
-    weight_by_num_documents: bool = True
-    """Legacy, ignored: read only by MFTCoder's pre-tokenized binary datasets, which mftcore does not load."""
-    make_vocab_size_divisible_by: int = 32
-    """Legacy, ignored: MFTCoder computes a padded vocabulary size from it and never uses it."""
-    model_parallel_size: int = 1
-    """Legacy, ignored by MFTCoder beyond that same unused vocabulary size; only 1 is accepted."""
-    use_slow_tokenizer: bool = False
-    """Legacy, ignored: never read by MFTCoder; transformers >= 5 has one tokenizer backend."""
-    world_size: int = 8
-    """Legacy, ignored: the number of processes is torchrun's WORLD_SIZE (MFTCoder overwrites it too)."""
 
     def __post_init__(self):
-        self.role_markers = {**DEFAULT_ROLE_MARKERS, **(self.role_markers or {})}
+        if self.role_markers is None or isinstance(self.role_markers, dict):
+            self.role_markers = {**DEFAULT_ROLE_MARKERS, **(self.role_markers or {})}
 
     # --- construction ---
     @classmethod
@@ -216,12 +193,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":
+        raw = mftcoder.normalise(raw, source)
         names = [f.name for f in dataclasses.fields(cls)]
         for key in raw:
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+        check_types(raw, source)
         cfg = cls(**raw)
         cfg.validate(source)
         return cfg
@@ -229,187 +208,163 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate_engine(self, bad, source: str) -> None:
-        """Adapters, weighting, evaluation and checkpoint keys."""
-        if self.peft_type not in (None, "lora", "qlora"):
-            bad("peft_type", f"{self.peft_type!r} is not supported (choose from null, lora, qlora)")
-        if self.quantization not in (None, "4bit"):
-            bad("quantization", f"{self.quantization!r} is not supported (null, or \"4bit\" with peft_type \"qlora\")")
-        if self.quantization == "4bit" and self.peft_type != "qlora":
-            bad("quantization", "\"4bit\" quantization trains through adapters: set peft_type to \"qlora\"")
-        if self.peft_type is not None and self.pretrained_model_path is None:
-            bad("peft_type", f"{self.peft_type} adapts a pretrained model: set pretrained_model_path")
-        if self.target_modules is not None and self.target_modules != "all-linear":
-            self.target_modules = parse_list(self.target_modules, "target_modules", source)
-        for key in ("lora_rank", "selfpaced_interval", "selfpaced_history_length", "selfpaced_sample_valid_num",
-                    "coba_history_length", "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("coba_warmup_steps", "max_consecutive_nonfinite"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                bad(key, f"must be an integer >= 0, got {getattr(self, key)!r}")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
-        if self.saving_limit is not None and (not isinstance(self.saving_limit, int) or self.saving_limit < 1):
-            bad("saving_limit", f"must be a positive integer or null, got {self.saving_limit!r}")
-        if self.weighted_loss_mode in DYNAMIC_WEIGHTING_MODES and self.task_weights is not None:
-            bad("task_weights", f"weighted_loss_mode {self.weighted_loss_mode!r} computes the task weights itself")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            bad("peak_tflops", f"must be > 0 or null, got {self.peak_tflops!r}")
-
-    def validate_distributed(self, bad) -> None:
-        """distributed_type and deepspeed_config; the DeepSpeed file itself is read when training starts."""
-        from mftcore.distributed import ENGINES
-
-        if self.distributed_type is not None:
-            if str(self.distributed_type).lower() not in ENGINES:
-                bad("distributed_type",
-                    f"{self.distributed_type!r} is not supported (choose from {', '.join(ENGINES)})")
-            self.distributed_type = str(self.distributed_type).lower()
-        if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (str, dict)):
-            bad("deepspeed_config", f"expected a JSON file path or an object, got {self.deepspeed_config!r}")
-
-    # --- validation ---
     def validate(self, source: str = "config") -> None:
-        def bad(key, msg):
-            raise ConfigError(f"{source}: {key}: {msg}")
-
-        if not self.data_paths:
-            bad("data_paths", "required: a list of task directories")
-        self.data_paths = parse_list(self.data_paths, "data_paths", source)
-        if self.task_weights is not None:
-            weights = parse_list(self.task_weights, "task_weights", source)
-            try:
-                self.task_weights = [float(w) for w in weights]
-            except ValueError:
-                bad("task_weights", f"expected numbers, got {weights}")
-            if len(self.task_weights) != len(self.data_paths):
-                bad("task_weights", f"{len(self.task_weights)} weights for {len(self.data_paths)} data_paths")
-            if any(w < 0 for w in self.task_weights) or sum(self.task_weights) <= 0:
-                bad("task_weights", "weights must be >= 0 and not all 0")
-            if self.weighted_loss_mode in ("case1", "case2"):
-                bad("task_weights", f"weighted_loss_mode {self.weighted_loss_mode} ignores task weights "
-                    "(MFTCoder applies them in case3/case4 only): remove them or choose case3/case4")
-        if self.pretrained_model_path is None and self.model_config is None:
-            bad("pretrained_model_path", "set pretrained_model_path or model_config")
-        if self.pretrained_model_path is None and self.tokenizer_path is None:
-            bad("tokenizer_path", "required when the model is built from model_config")
-        if self.model_config is not None and "model_type" not in self.model_config:
-            bad("model_config", "needs a model_type (e.g. \"llama\")")
-        choices = {
-            "padding_mode": ("padding", "pack"),
-            "long_sample_policy": ("truncate", "drop"),
-            "weighted_loss_mode": ("case1", "case2", "case3", "case4"),
-            "lr_scheduler_type": ("cosine", "constant", "linear", "constant_with_warmup"),
-            "tokenize_mode": ("sft",),
-        }
-        choices["weighted_loss_mode"] += DYNAMIC_WEIGHTING_MODES
-        choices["mixed_precision"] = ("auto", "fp32", "bf16", "fp16")
-        for key, allowed in choices.items():
+        for key, check in (*((k, positive_int) for k in POSITIVE_INTS),
+                           *((k, non_negative_int) for k in NON_NEGATIVE_INTS),
+                           *((k, positive_int_or_null) for k in POSITIVE_INTS_OR_NULL),
+                           *((k, non_negative_number) for k in NON_NEGATIVE_NUMBERS),
+                           *RANGES.items()):
+            problem = check(getattr(self, key))
+            if problem:
+                raise ConfigError(f"{source}: {key}: {problem}")
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                bad(key, f"{getattr(self, key)!r} is not supported (choose from {', '.join(allowed)})")
-        self.attn_implementation = resolve_attn_implementation(self.attn_implementation, self.padding_mode, source)
-        if not self.load_raw_dataset:
-            bad("load_raw_dataset", "only raw JSONL data is supported (true)")
-        self.validate_mftcoder_keys(bad, source)
-        for key in ("seq_length", "num_train_epochs", "per_device_train_batch_size",
-                    "per_device_eval_batch_size", "gradient_accumulation_steps", "log_interval"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("evaluation_steps", "checkpointing_steps"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                bad(key, f"must be an integer >= 0, got {getattr(self, key)!r}")
-        if self.max_train_steps is not None and (not isinstance(self.max_train_steps, int) or self.max_train_steps < 1):
-            bad("max_train_steps", f"must be a positive integer or null, got {self.max_train_steps!r}")
-        if not (0 <= self.min_lr <= self.learning_rate):
-            bad("min_lr", f"must lie in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
-        if self.num_warmup_steps < 0 or (isinstance(self.num_warmup_steps, float) and self.num_warmup_steps >= 1):
-            bad("num_warmup_steps", "an int >= 0 (steps) or a float in [0, 1) (fraction of all steps)")
+                shown = ", ".join("null" if a is None else str(a) for a in allowed)
+                raise ConfigError(f"{source}: {key}: {getattr(self, key)!r} is not supported (choose from {shown})")
+        if self.task_weights is not None:
+            try:
+                self.task_weights = [float(w) for w in self.task_weights]
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source}: task_weights: expected numbers, got {self.task_weights}") from None
         self.split_fractions(source)
-        self.validate_engine(bad, source)
-        self.validate_distributed(bad)
-        for key in ("system", "user", "assistant"):
-            if not isinstance(self.role_markers.get(key), str):
-                bad("role_markers", f"{key!r} must be a string")
-        unknown = set(self.role_markers) - {"system", "user", "assistant"}
-        if unknown:
-            bad("role_markers", f"unknown keys {sorted(unknown)} (allowed: system, user, assistant)")
-        if not isinstance(self.skip_bad_samples, bool):
-            bad("skip_bad_samples", f"must be true or false, got {self.skip_bad_samples!r}")
-        if self.eos_token is not None and (not isinstance(self.eos_token, str) or not self.eos_token):
-            bad("eos_token", f"must be a non-empty token string or null, got {self.eos_token!r}")
-        if not isinstance(self.tokenize_workers, int) or self.tokenize_workers < 0:
-            bad("tokenize_workers", f"must be an integer >= 0, got {self.tokenize_workers!r}")
-
-    def validate_mftcoder_keys(self, bad, source: str) -> None:
-        """The MFTCoder-compatibility block: values mftcore deliberately does not support."""
-        from mftcore.model.families import check_model_type
-
-        check_model_type(self.model_type, source)
-        if str(self.tokenizer_type).lower() != "autotokenizer":
-            bad("tokenizer_type", f"{self.tokenizer_type!r} is not supported; only \"AutoTokenizer\"")
-        if self.use_dynamic_padding is not True:
-            bad("use_dynamic_padding", "false (pad every batch to seq_length) is not supported: "
-                "padding to the longest sample gives the same loss with less compute")
-        if self.data_weights is not None:
-            weights = parse_list(self.data_weights, "data_weights", source)
-            if any(not _is_one(w) for w in weights):
-                bad("data_weights", "per-task sampling weights are not supported (MFTCoder ignores them too); "
-                    "use task_weights to weight the loss")
-        if self.model_parallel_size != 1:
-            bad("model_parallel_size", "tensor/model parallelism is not supported; only 1")
-        if self.init_timeout_seconds is not None and (
-                not isinstance(self.init_timeout_seconds, int) or self.init_timeout_seconds < 1):
-            bad("init_timeout_seconds", f"must be a positive integer or null, got {self.init_timeout_seconds!r}")
+        for key, broken, message in RULES:
+            if broken(self):
+                raise ConfigError(f"{source}: {key}: {message(self)}")
 
     def split_fractions(self, source: str = "config") -> tuple[float, float, float]:
+        """data_split as fractions of its sum: (train, valid, test)."""
         try:
             parts = [float(p) for p in str(self.data_split).split(",")]
         except ValueError:
             parts = []
-        if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        if len(parts) != 3 or any(not (p >= 0) or math.isinf(p) for p in parts) or not sum(parts) > 0:
             raise ConfigError(f"{source}: data_split: expected three numbers like \"98,2,0\", got {self.data_split!r}")
         total = sum(parts)
         return parts[0] / total, parts[1] / total, parts[2] / total
 
 
-def _is_one(value) -> bool:
-    try:
-        return float(value) == 1.0
-    except (TypeError, ValueError):
-        return False
+# --- the validation tables -------------------------------------------------------------------------
+
+POSITIVE_INTS = ("seq_length", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "log_interval", "lora_rank", "selfpaced_interval",
+                 "selfpaced_history_length", "selfpaced_sample_valid_num", "coba_history_length",
+                 "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num")
+NON_NEGATIVE_INTS = ("evaluation_steps", "checkpointing_steps", "coba_warmup_steps", "max_consecutive_nonfinite",
+                     "tokenize_workers", "seed")
+POSITIVE_INTS_OR_NULL = ("max_train_steps", "saving_limit", "init_timeout_seconds")
+NON_NEGATIVE_NUMBERS = ("learning_rate", "min_lr", "weight_decay", "max_grad_norm", "lora_alpha")
 
 
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "mftcore_varlen")
+def positive_int(v) -> Optional[str]:
+    return None if isinstance(v, int) and v >= 1 else f"must be a positive integer, got {v!r}"
 
 
-def resolve_attn_implementation(value: Optional[str], padding_mode: str, source: str = "config") -> str:
-    """null/"auto" -> mftcore_varlen for packed rows (documents must not see each other), else sdpa."""
-    if value in (None, "auto"):
-        return "mftcore_varlen" if padding_mode == "pack" else "sdpa"
-    if value not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(f"{source}: attn_implementation: {value!r} is not supported "
-                          f"(choose from {', '.join(ATTN_IMPLEMENTATIONS)}, or null for auto)")
-    if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        # MFTCoder's configs ask for FA2; mftcore_varlen computes the same exact attention over the same
-        # cu_seqlens, so those configs run unchanged where flash_attn cannot be installed.
-        warnings.warn(f"{source}: attn_implementation: flash_attn is not installed; using mftcore_varlen instead")
-        return "mftcore_varlen"
-    return value
+def non_negative_int(v) -> Optional[str]:
+    return None if isinstance(v, int) and v >= 0 else f"must be an integer >= 0, got {v!r}"
 
 
-def read_json_object(path: str, missing: str) -> dict:
-    """A JSON object from a file; one-line ConfigErrors: `missing` if absent, path:line if invalid."""
-    if not os.path.isfile(path):
-        raise ConfigError(missing)
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must hold a JSON object")
-    return raw
+def positive_int_or_null(v) -> Optional[str]:
+    return None if v is None or (isinstance(v, int) and v >= 1) else f"must be a positive integer or null, got {v!r}"
+
+
+def non_negative_number(v) -> Optional[str]:
+    return None if v >= 0 and math.isfinite(v) else f"must be a finite number >= 0, got {v!r}"
+
+
+RANGES = {
+    "lora_dropout": lambda v: None if 0 <= v < 1 else f"must lie in [0, 1), got {v}",
+    "adam_beta1": lambda v: None if 0 <= v < 1 else f"must lie in [0, 1), got {v}",
+    "adam_beta2": lambda v: None if 0 <= v < 1 else f"must lie in [0, 1), got {v}",
+    "peak_tflops": lambda v: None if v is None or (v > 0 and math.isfinite(v)) else f"must be > 0 or null, got {v!r}",
+    "router_aux_loss_coef": lambda v: None if v is None or (v >= 0 and math.isfinite(v)) else
+    f"must be >= 0 or null, got {v!r}",
+    "num_warmup_steps": lambda v: None if (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 <= v < 1)
+    else "an int >= 0 (steps) or a float in [0, 1) (fraction of all steps)",
+}
+
+CHOICES = {
+    "padding_mode": ("padding", "pack"),
+    "long_sample_policy": ("truncate", "drop"),
+    "weighted_loss_mode": (*LOSS_MODES, *MODE_ALIASES),
+    "lr_scheduler_type": ("cosine", "constant", "linear", "constant_with_warmup"),
+    "mixed_precision": ("auto", "fp32", "bf16", "fp16"),
+    "peft_type": (None, "lora", "qlora"),
+    # null / "auto": resolved when the model is built (mftcore/model/load.py)
+    "attn_implementation": (None, "auto", "eager", "sdpa", "flash_attention_2", "mftcore_varlen"),
+}
+
+ROLE_KEYS = ("system", "user", "assistant")
+
+# (key, broken(cfg), message(cfg)): the checks across fields, in the order they are reported.
+RULES = [
+    ("data_paths", lambda c: not c.data_paths, lambda c: "required: a list of task directories"),
+    ("task_weights", lambda c: c.task_weights is not None and len(c.task_weights) != len(c.data_paths),
+     lambda c: f"{len(c.task_weights)} weights for {len(c.data_paths)} data_paths"),
+    ("task_weights", lambda c: c.task_weights is not None and (
+        any(not (w >= 0) or math.isinf(w) for w in c.task_weights) or sum(c.task_weights) <= 0),
+     lambda c: "weights must be finite, >= 0 and not all 0"),
+    ("task_weights", lambda c: c.task_weights is not None and loss_mode(c.weighted_loss_mode).dynamic,
+     lambda c: f"weighted_loss_mode {c.weighted_loss_mode!r} computes the task weights itself"),
+    ("task_weights", lambda c: c.task_weights is not None and not loss_mode(c.weighted_loss_mode).weighted,
+     lambda c: f"weighted_loss_mode {c.weighted_loss_mode} ignores task weights (MFTCoder applies them in "
+               "case3/case4 only): remove them or choose case3/case4"),
+    ("pretrained_model_path", lambda c: c.pretrained_model_path is None and c.model_config is None,
+     lambda c: "set pretrained_model_path or model_config"),
+    ("tokenizer_path", lambda c: c.pretrained_model_path is None and c.tokenizer_path is None,
+     lambda c: "required when the model is built from model_config"),
+    ("model_config", lambda c: c.model_config is not None and "model_type" not in c.model_config,
+     lambda c: "needs a model_type (e.g. \"llama\")"),
+    ("min_lr", lambda c: not c.min_lr <= c.learning_rate,
+     lambda c: f"must lie in [0, learning_rate={c.learning_rate}], got {c.min_lr}"),
+    ("peft_type", lambda c: c.peft_type is not None and c.pretrained_model_path is None,
+     lambda c: f"{c.peft_type} adapts a pretrained model: set pretrained_model_path"),
+    ("role_markers", lambda c: set(c.role_markers) - set(ROLE_KEYS),
+     lambda c: f"unknown keys {sorted(set(c.role_markers) - set(ROLE_KEYS))} (allowed: system, user, assistant)"),
+    ("role_markers", lambda c: any(not isinstance(c.role_markers[k], str) for k in ROLE_KEYS),
+     lambda c: f"{next(k for k in ROLE_KEYS if not isinstance(c.role_markers[k], str))!r} must be a string"),
+    ("eos_token", lambda c: c.eos_token == "", lambda c: "must be a non-empty token string or null, got ''"),
+]
+
+
+# --- types from the annotations --------------------------------------------------------------------
+
+def matches(value, hint) -> bool:
+    """Whether a JSON value fits a field annotation (Optional/Union/list/dict/str/int/float/bool)."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return any(matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # JSON writes 1e-3 and 1 alike: an int is a float here, a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is Any:
+        return True
+    if origin is list and typing.get_args(hint):
+        return isinstance(value, list) and all(matches(v, typing.get_args(hint)[0]) for v in value)
+    return isinstance(value, origin or hint)
+
+
+def describe(hint) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}
+    if typing.get_origin(hint) is Union:
+        args = typing.get_args(hint)
+        kinds = [describe(a) for a in args if a is not type(None)] + (["null"] if type(None) in args else [])
+        return ", ".join(kinds[:-1]) + " or " + kinds[-1]
+    if typing.get_origin(hint) is list and typing.get_args(hint):
+        return f"a list of {describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return names.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def check_types(raw: dict, source: str) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in raw.items():
+        if not matches(value, hints[key]):
+            raise ConfigError(f"{source}: {key}: expected {describe(hints[key])}, got {json.dumps(value)[:80]}")
 
 
 def parse_value(text: str) -> Any:
@@ -418,18 +373,3 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def parse_list(value: Union[str, list], key: str, source: str) -> list:
-    """A JSON list, or MFTCoder's "[a,b]" string (brackets stripped, split on commas)."""
-    if isinstance(value, list):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        items = [p.strip().strip("\"'") for p in text.split(",")]
-        items = [p for p in items if p]
-        if items:
-            return items
-    raise ConfigError(f"{source}: {key}: expected a list or \"[a,b]\" string, got {value!r}")

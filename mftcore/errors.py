@@ -27,8 +27,3 @@ class TrainingInterrupted(MftcoreError):
     """SIGTERM: the run saved a checkpoint at the end of the current step and stopped."""
 
     exit_code = 143  # 128 + SIGTERM, what a scheduler expects of a terminated job
-
-
-def where(path, line: int | None = None) -> str:
-    """`path:line` (or just `path`) for error messages."""
-    return f"{path}:{line}" if line is not None else str(path)

@@ -18,35 +18,36 @@ from dataclasses import dataclass
 
 import torch
 
-from mftcore import distributed
-from mftcore.data import collate_padded
-from mftcore.data.batch import empty_batch
-from mftcore.model import loss_model
-from mftcore.model.loss_model import LOGIT_CHUNK_ELEMENTS, count_correct  # noqa: F401 (re-exported)
+from mftcore.data.batch import collate_padded, empty_batch
+from mftcore.loss import task_mean  # MERGE: from mftcore.kernels
+from mftcore.model.loss_model import as_loss_model
+from mftcore.parallel.comm import sum_over_ranks
 
 
 @dataclass
 class EvalResult:
     task_loss_sum: torch.Tensor  # [K] fp32, summed token cross-entropy
-    task_count: torch.Tensor  # [K] loss tokens
+    task_token_count: torch.Tensor  # [K] loss tokens
     task_correct: torch.Tensor  # [K] tokens whose argmax is the label
 
     def task_losses(self) -> list:
         """Token-mean loss per task; None for a task with no tokens here."""
-        return [float(s / c) if c > 0 else None for s, c in zip(self.task_loss_sum.tolist(), self.task_count.tolist())]
+        return [float(s / c) if c > 0 else None
+                for s, c in zip(self.task_loss_sum.tolist(), self.task_token_count.tolist())]
 
     def task_accuracy(self) -> list:
-        return [float(r / c) if c > 0 else None for r, c in zip(self.task_correct.tolist(), self.task_count.tolist())]
+        return [float(r / c) if c > 0 else None
+                for r, c in zip(self.task_correct.tolist(), self.task_token_count.tolist())]
 
     def accuracy(self) -> float:
-        return float(self.task_correct.sum() / self.task_count.sum().clamp(min=1))
+        return float(self.task_correct.sum() / self.task_token_count.sum().clamp(min=1))
 
     def combined_loss(self, weights=None) -> float:
         """case3 of the validation set: weighted mean over tasks present of their token-mean loss."""
-        w = torch.ones_like(self.task_count) if weights is None else torch.as_tensor(weights).to(self.task_count)
-        present = torch.where(self.task_count > 0, w, 0.0)
-        means = self.task_loss_sum / self.task_count.clamp(min=1)
-        return float((present * means).sum() / present.sum().clamp(min=1e-12))
+        return float(task_mean(self.task_loss_sum, self.task_token_count, weights))
+
+    def summed_over_ranks(self) -> "EvalResult":
+        return EvalResult(*sum_over_ranks(self.task_loss_sum, self.task_token_count, self.task_correct))
 
 
 def shard(n: int, rank: int, world_size: int) -> tuple:
@@ -62,7 +63,7 @@ def evaluate_batches(model, batches, num_tasks: int, device, autocast=contextlib
     """Loss sums, token counts and correct counts per task over the given (host) batches; with several
     ranks each evaluates its share and all get the sums. `model`: a bare HF model, or a LossModel
     (possibly inside DDP, FSDP2 or DeepSpeed)."""
-    module = loss_model.as_loss_model(model, num_tasks)
+    module = as_loss_model(model, num_tasks)
     if world_size > 1:
         batches = list(batches)
         mine, placeholders = shard(len(batches), rank, world_size)
@@ -76,11 +77,9 @@ def evaluate_batches(model, batches, num_tasks: int, device, autocast=contextlib
             r = module(b, reduction="sum", with_accuracy=True)
         out.task_correct += r.task_correct
         out.task_loss_sum += r.task_loss_sum
-        out.task_count += r.task_token_count
+        out.task_token_count += r.task_token_count
     module.train(was_training)
-    if world_size > 1:
-        out = EvalResult(*distributed.sum_over_ranks(out.task_loss_sum, out.task_count, out.task_correct))
-    return out
+    return out.summed_over_ranks() if world_size > 1 else out
 
 
 def batched(samples, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1):
@@ -98,9 +97,7 @@ def evaluate(model, samples, *, batch_size: int, pad_id: int, num_tasks: int, de
     """The whole validation set, in order (sharded over the ranks)."""
     result = evaluate_batches(model, batched(samples, batch_size, pad_id, rank, world_size), num_tasks, device,
                               autocast, pad_id=pad_id)
-    if world_size > 1:
-        result = EvalResult(*distributed.sum_over_ranks(result.task_loss_sum, result.task_count, result.task_correct))
-    return result
+    return result.summed_over_ranks() if world_size > 1 else result
 
 
 def interleave_tasks(samples) -> list:

@@ -1,4 +1,5 @@
-"""MFT loss weighting on top of the cross-entropy op, normalised over a whole optimizer step.
+"""The loss modes: one table that says what each `weighted_loss_mode` means, and the per-token scales
+that turn the fused cross-entropy's reduction="sum" into the mode's loss of a whole optimizer step.
 
 MFTCoder's modes (utils/loss_utils.py), with ce_i the token loss, n_t the loss tokens of task t, a
 sample s = one document of cu_seqlens (padding segments have no loss tokens) with n_s loss tokens,
@@ -14,10 +15,14 @@ then give every token the scale c_i of its mode, so that sum_i c_i * ce_i over t
 rank) is exactly the mode's loss of the whole step: gradient accumulation and data parallelism give
 the gradient of one big batch, provided gradients are summed over ranks (not averaged: an engine
 that averages, like DDP, multiplies the loss by the world size).
+
+A new mode is one row of LOSS_MODES (and, if its weights change during training, one entry of
+mftcore.weighting.WEIGHTINGS); nothing else in mftcore branches on a mode's name.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -26,8 +31,52 @@ import torch.distributed as dist
 from mftcore.data.batch import IGNORE_INDEX
 from mftcore.kernels import CrossEntropyOutput, fused_linear_cross_entropy
 
-MODES = ("case1", "case2", "case3", "case4")
-WEIGHTED_MODES = ("case3", "case4")
+
+def task_mean_scales(counts, weights=None):  # MERGE: becomes mftcore.kernels.task_mean_scales (kernels branch)
+    w = torch.ones_like(counts) if weights is None else torch.as_tensor(weights).to(counts)
+    present_w = torch.where(counts > 0, w, 0.0)
+    return present_w / (counts.clamp(min=1) * present_w.sum().clamp(min=1e-12))
+
+
+def task_mean(task_loss_sum, counts, weights=None):  # MERGE: to mftcore.kernels, beside task_mean_scales
+    w = torch.ones_like(counts) if weights is None else torch.as_tensor(weights).to(counts)
+    present = torch.where(counts > 0, w, 0.0)
+    return (present * (task_loss_sum / counts.clamp(min=1))).sum() / present.sum().clamp(min=1e-12)
+
+
+@dataclass(frozen=True)
+class LossMode:
+    name: str
+    base: str  # the formula of each step's token scales: case1 .. case4
+    weighted: bool  # per-task weights enter the formula (task_weights, or the dynamic ones)
+    dynamic: bool  # mftcore.weighting updates the weights from validation-loss slopes during training
+    needs_valid: bool  # needs validation data (a valid share in data_split)
+    needs_initial: bool  # needs the validation losses measured before the first step
+
+
+LOSS_MODES = {
+    "case1": LossMode("case1", "case1", weighted=False, dynamic=False, needs_valid=False, needs_initial=False),
+    "case2": LossMode("case2", "case2", weighted=False, dynamic=False, needs_valid=False, needs_initial=False),
+    "case3": LossMode("case3", "case3", weighted=True, dynamic=False, needs_valid=False, needs_initial=False),
+    "case4": LossMode("case4", "case4", weighted=True, dynamic=False, needs_valid=False, needs_initial=False),
+    "self-paced": LossMode("self-paced", "case3", weighted=True, dynamic=True, needs_valid=True, needs_initial=False),
+    # CoBa's convergence scores are ratios to each task's validation loss before training.
+    "coba": LossMode("coba", "case3", weighted=True, dynamic=True, needs_valid=True, needs_initial=True),
+}
+MODE_ALIASES = {"selfpaced": "self-paced"}  # MFTCoder accepts both spellings
+BASE_MODES = ("case1", "case2", "case3", "case4")
+
+
+def loss_mode(name: str) -> LossMode:
+    """The table row of a weighted_loss_mode (aliases resolved); KeyError for an unknown name."""
+    return LOSS_MODES[MODE_ALIASES.get(name, name)]
+
+
+def check_base_mode(mode: str, weights) -> None:
+    if mode not in BASE_MODES:
+        raise ValueError(f"mode {mode!r} is not a base loss mode (choose from {', '.join(BASE_MODES)})")
+    if weights is not None and not LOSS_MODES[mode].weighted:
+        raise ValueError(f"task weights apply to case3 and case4 only, not {mode}")
 
 
 def step_token_scales(batches, mode: str, num_tasks: int, weights=None, *, across_ranks: bool = True):
@@ -36,13 +85,10 @@ def step_token_scales(batches, mode: str, num_tasks: int, weights=None, *, acros
 
     The one entry point for every weighting mode: the trainer runs each micro-batch with
     reduction="sum" and these scales, so that the step's summed loss is the mode's loss. `weights` is
-    a [K] tensor (or None = all 1), used by case3 and case4. With `across_ranks` and torch.distributed
+    a [K] tensor (or None = all 1), used by case3 and case4 (`mode` is a base mode). With `across_ranks` and torch.distributed
     initialised, the counts are summed over all ranks (one all_reduce); no host synchronisation.
     """
-    if mode not in MODES:
-        raise ValueError(f"weighted_loss_mode {mode!r} is not implemented (choose from {', '.join(MODES)})")
-    if weights is not None and mode not in WEIGHTED_MODES:
-        raise ValueError(f"task weights apply to {' and '.join(WEIGHTED_MODES)} only, not {mode}")
+    check_base_mode(mode, weights)
     docs = [document_stats(b.labels, b.task_ids, b.cu_seqlens, num_tasks) for b in batches]
     totals = torch.stack([torch.stack([d.task_tokens, d.task_samples]) for d in docs]).sum(dim=0)
     if across_ranks and dist.is_available() and dist.is_initialized():
@@ -79,34 +125,10 @@ def mode_token_scale(d: SimpleNamespace, counts, samples, mode: str, weights=Non
     elif mode == "case2":
         scale = per_sample / samples.sum().clamp(min=1)
     elif mode == "case3":
-        scale = task_scales(counts, weights)[d.tasks]
+        scale = task_mean_scales(counts, weights)[d.tasks]
     else:  # case4: case3's formula over samples instead of tokens, then each sample's token mean
-        scale = task_scales(samples, weights)[d.tasks] * per_sample
+        scale = task_mean_scales(samples, weights)[d.tasks] * per_sample
     return torch.where(d.valid, scale, 0.0)
-
-
-def count_task_tokens(batches, num_tasks: int) -> torch.Tensor:
-    """Loss tokens per task over the micro-batches of one step (this rank), fp32 [K] on their device."""
-    counts = None
-    for b in batches:
-        valid = b.labels != IGNORE_INDEX
-        c = torch.zeros(num_tasks, dtype=torch.float32, device=b.labels.device)
-        c.index_add_(0, torch.where(valid, b.task_ids, 0).flatten(), valid.flatten().float())
-        counts = c if counts is None else counts + c
-    return counts
-
-
-def task_scales(counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """case3 per-task scale w_t / (n_t * sum_{t present} w_t); 0 for a task with no tokens."""
-    w = torch.ones_like(counts) if weights is None else weights.to(counts)
-    present_w = torch.where(counts > 0, w, 0.0)
-    return present_w / (counts.clamp(min=1) * present_w.sum().clamp(min=1e-12))
-
-
-def token_scale(labels: torch.Tensor, task_ids: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Per-token scale for reduction="sum": the token's task scale, 0 where there is no loss."""
-    valid = labels != IGNORE_INDEX
-    return torch.where(valid, scales[torch.where(valid, task_ids, 0)], 0.0)
 
 
 class MFTLoss(torch.nn.Module):
@@ -125,10 +147,7 @@ class MFTLoss(torch.nn.Module):
 
     def __init__(self, num_tasks: int, mode: str = "case3", task_weights=None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if task_weights is not None and mode not in WEIGHTED_MODES:
-            raise ValueError(f"task_weights apply to {' and '.join(WEIGHTED_MODES)} only, not {mode}")
+        check_base_mode(mode, task_weights)
         self.num_tasks, self.mode = num_tasks, mode
         weights = None if task_weights is None else torch.as_tensor(task_weights, dtype=torch.float32)
         self.register_buffer("task_weights", weights, persistent=False)

@@ -23,6 +23,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from mftcore.io import METRICS_FILE, atomic_write_text
+
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4), ("A100", 312.0),
                ("A800", 312.0), ("L40S", 362.1), ("A10G", 70.0), ("L4", 121.0), ("V100", 125.0)]
@@ -41,7 +43,7 @@ class Metrics:
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "metrics.jsonl")
+        path = os.path.join(output_dir, METRICS_FILE)
         # A fresh run starts a fresh file; a resumed one drops what the stopped run logged after its
         # checkpoint (those steps run again) and appends; TensorBoard purges the same steps.
         if initial_step:
@@ -52,10 +54,11 @@ class Metrics:
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
     def advance(self, postfix: dict | None = None) -> None:
+        """One more step on the progress bar; `postfix` (the logged values) on logging steps."""
         if self.bar is not None:
-            self.bar.update(1)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
 
     def write(self, step: int, split: str, scalars: dict, task_loss: dict, task_values: dict | None = None) -> None:
         """One JSONL record {"step", "split", **scalars, "task_loss": {task: loss}, **task_values} and the
@@ -87,7 +90,8 @@ class Metrics:
 
 
 class Window:
-    """What the steps since the last log line add up to: tokens, model FLOPs, per-task loss and tokens."""
+    """What the steps since the last log line add up to: tokens, model FLOPs, per-task loss sums and
+    token counts (kept on the device: nothing is read back before the log line), skip codes."""
 
     def __init__(self, num_tasks: int, peak: float | None):
         self.num_tasks, self.peak = num_tasks, peak
@@ -95,15 +99,22 @@ class Window:
 
     def reset(self) -> None:
         self.tokens, self.flops, self.t0 = 0, 0.0, time.perf_counter()
-        self.task_sum, self.task_count = torch.zeros(self.num_tasks), torch.zeros(self.num_tasks)
+        self.task_loss_sum = self.task_token_count = None
+        self.skips = []  # (step, skip code), the code an int or a device tensor
 
-    def add_step(self, tokens: int, flops: float) -> None:
+    def add_step(self, step: int, tokens: int, flops: float, res) -> None:
         self.tokens += tokens
         self.flops += flops
+        sums, counts = res.task_loss_sum.float(), res.task_token_count.float()
+        self.task_loss_sum = sums if self.task_loss_sum is None else self.task_loss_sum + sums
+        self.task_token_count = counts if self.task_token_count is None else self.task_token_count + counts
+        self.skips.append((step, res.skip))
 
-    def add_losses(self, task_sum: torch.Tensor, task_count: torch.Tensor) -> None:
-        self.task_sum += task_sum.float().cpu()
-        self.task_count += task_count.float().cpu()
+    def take_skips(self) -> list:
+        """[(step, code)] of the steps since the last call, read to the host at once."""
+        skips, self.skips = self.skips, []
+        codes = torch.stack([torch.as_tensor(c) for _, c in skips]).tolist() if skips else []
+        return [(step, int(code)) for (step, _), code in zip(skips, codes)]
 
     def rates(self) -> dict:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
@@ -111,8 +122,14 @@ class Window:
         return {"tokens_per_s": self.tokens / elapsed, "tflops": flops / 1e12,
                 "mfu": flops / self.peak if self.peak else None}
 
+    def task_counts(self) -> list:
+        return [0.0] * self.num_tasks if self.task_token_count is None else self.task_token_count.tolist()
+
     def task_losses(self) -> list:
-        return [float(s / c) if c > 0 else None for s, c in zip(self.task_sum.tolist(), self.task_count.tolist())]
+        if self.task_loss_sum is None:
+            return [None] * self.num_tasks
+        return [float(s / c) if c > 0 else None
+                for s, c in zip(self.task_loss_sum.tolist(), self.task_token_count.tolist())]
 
 
 def keep_records_up_to(path: str, step: int) -> None:
@@ -121,10 +138,7 @@ def keep_records_up_to(path: str, step: int) -> None:
         return
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(lines))
 
 
 # --- FLOPs, MFU, memory ------------------------------------------------------------------------
@@ -157,12 +171,6 @@ def attention_width(model) -> tuple:
     heads = getattr(c, "num_attention_heads", 0)
     head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
     return getattr(c, "num_hidden_layers", 0), heads * head_dim
-
-
-def sum_squared_doc_lengths(batch) -> int:
-    """sum over documents of length^2 = sum over real tokens of (2 * position + 1); host tensors."""
-    real = batch.task_ids >= 0
-    return int(((2 * batch.position_ids + 1) * real).sum())
 
 
 def step_flops(params: tuple, attn: tuple, tokens: int, sq_lengths: int) -> float:

@@ -1,10 +1,12 @@
 """Dynamic task weights from per-task validation losses: MFTCoder's self-paced mode and CoBa.
 
-Both objects see the same thing: every few optimizer steps the trainer measures each task's
-validation loss on a few validation batches and calls `observe(step, losses)`; `weights()` is then
-the [K] task weights that the next steps give to case3 (`loss.step_token_scales(..., weights)`),
-where only their ratios matter. Their whole state is plain JSON (`state_dict` / `load_state_dict`)
-so that a checkpoint continues them exactly.
+Both objects see the same thing: every `interval` optimizer steps the trainer measures each task's
+validation loss on `samples_per_update` validation batches and calls `observe(step, losses)`;
+`weights()` is then the [K] task weights that the next steps give to case3
+(`loss.step_token_scales(..., weights)`), where only their ratios matter. CoBa also needs the losses
+before training (`set_initial`, its mode's `needs_initial` in loss.LOSS_MODES). Their whole state is
+plain JSON (`state_dict` / `load_state_dict`) so that a checkpoint continues them exactly. WEIGHTINGS
+maps the loss modes of loss.LOSS_MODES that are dynamic to the class that computes their weights.
 
 Slopes are least-squares fits of loss against the step at which each loss was measured, over the
 points that exist: a task missing from a validation sample leaves a hole, never a shifted x axis
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import math
 from typing import Optional, Sequence
+
+from mftcore.loss import loss_mode
+
 
 def fit_slope(xs: Sequence[float], ys: Sequence[Optional[float]]) -> float:
     """Least-squares slope of ys against xs over the pairs whose y is a finite number; 0 with < 2."""
@@ -49,8 +54,10 @@ class SelfPaced:
     score = softmax(n) * (-n); weights = softmax(scale_factor * score). Uniform until the window is full.
     """
 
-    def __init__(self, num_tasks: int, *, history_length: int = 100, scale_factor: float = 50.0):
+    def __init__(self, num_tasks: int, *, history_length: int = 100, scale_factor: float = 50.0, interval: int = 1,
+                 samples_per_update: int = 1):
         self.K, self.history_length, self.scale_factor = num_tasks, history_length, scale_factor
+        self.interval, self.samples_per_update = interval, samples_per_update
         self.steps: list = []
         self.losses: list = []  # one [K] list per measurement; None where a task was not measured
         self.current = [1.0 / num_tasks] * num_tasks
@@ -104,8 +111,10 @@ class CoBa:
     floored at 1/(10K); neither is in the paper, neither is done here.
     """
 
-    def __init__(self, num_tasks: int, *, warmup_steps: int = 100, history_length: int = 200, tau: float = 5.0):
+    def __init__(self, num_tasks: int, *, warmup_steps: int = 100, history_length: int = 200, tau: float = 5.0,
+                 interval: int = 1, samples_per_update: int = 1):
         self.K, self.warmup_steps, self.history_length, self.tau = num_tasks, warmup_steps, history_length, tau
+        self.interval, self.samples_per_update = interval, samples_per_update
         self.initial: Optional[list] = None  # l_i(0), from a full validation pass before training
         self.steps: list = []
         self.ratios: list = []  # [K] loss ratios per measurement, None where a task was not measured
@@ -163,19 +172,20 @@ class CoBa:
         self.current, self.last = list(state["current"]), dict(state["last"])
 
 
+def self_paced(cfg, num_tasks: int) -> SelfPaced:
+    return SelfPaced(num_tasks, history_length=cfg.selfpaced_history_length, scale_factor=cfg.selfpaced_scale_factor,
+                     interval=cfg.selfpaced_interval, samples_per_update=cfg.selfpaced_sample_valid_num)
+
+
+def coba(cfg, num_tasks: int) -> CoBa:
+    return CoBa(num_tasks, warmup_steps=cfg.coba_warmup_steps, history_length=cfg.coba_history_length,
+                tau=cfg.coba_tau, interval=cfg.coba_update_interval, samples_per_update=cfg.coba_sample_valid_num)
+
+
+WEIGHTINGS = {"self-paced": self_paced, "coba": coba}  # dynamic loss mode -> its weighting, from the config
+
+
 def build_weighting(cfg, num_tasks: int):
-    """The dynamic weighting object of cfg.weighted_loss_mode, or None for the static modes."""
-    if cfg.weighted_loss_mode in ("self-paced", "selfpaced"):
-        return SelfPaced(num_tasks, history_length=cfg.selfpaced_history_length,
-                         scale_factor=cfg.selfpaced_scale_factor)
-    if cfg.weighted_loss_mode == "coba":
-        return CoBa(num_tasks, warmup_steps=cfg.coba_warmup_steps, history_length=cfg.coba_history_length,
-                    tau=cfg.coba_tau)
-    return None
-
-
-def sampling_schedule(cfg) -> tuple:
-    """(every how many steps, how many validation batches) the dynamic mode measures."""
-    if cfg.weighted_loss_mode == "coba":
-        return cfg.coba_update_interval, cfg.coba_sample_valid_num
-    return cfg.selfpaced_interval, cfg.selfpaced_sample_valid_num
+    """The dynamic weighting of cfg.weighted_loss_mode, or None for the static modes."""
+    mode = loss_mode(cfg.weighted_loss_mode)
+    return WEIGHTINGS[mode.name](cfg, num_tasks) if mode.dynamic else None

@@ -11,8 +11,10 @@ from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER, save_tiny_llama
 
 from tests.helpers.paths import DATA, ROOT
 from mftcore.cli import build_parser, main, train_config_and_overrides
+from mftcore import mftcoder
 from mftcore.config import TrainConfig
 from mftcore.errors import ConfigError
+from mftcore.model.load import resolve_attn_implementation
 
 # Every field of MFTCoder's MftTrainArgs (mftcoder_accelerate/src/pefts/mft_arguments.py, 8ba13f4) with
 # its default; the five without one get tiny-run values here.
@@ -42,11 +44,13 @@ TINY = {"tokenizer_path": TOKENIZER, "model_config": TINY_CONFIGS["llama"]}
 
 def test_every_other_mftcoder_key_loads_with_its_default():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(MFTCODER_DEFAULTS) <= fields
-    with pytest.warns(UserWarning, match="flash_attn is not installed"):  # MFTCoder's default backend
-        cfg = TrainConfig.from_dict({k: v for k, v in MFTCODER_DEFAULTS.items() if k not in NEEDS_PRETRAINED}
-                                    | TINY)
-    assert cfg.trust_remote_code is True and cfg.world_size == 8 and cfg.use_dynamic_padding
+    assert set(MFTCODER_DEFAULTS) - fields == set(mftcoder.LEGACY)  # read, checked, then dropped
+    cfg = TrainConfig.from_dict({k: v for k, v in MFTCODER_DEFAULTS.items() if k not in NEEDS_PRETRAINED} | TINY)
+    assert cfg.trust_remote_code is True and not set(mftcoder.LEGACY) & set(cfg.to_dict())
+    # MFTCoder's default backend: resolved when the model is built, to mftcore_varlen without flash_attn.
+    assert cfg.attn_implementation == "flash_attention_2"
+    with pytest.warns(UserWarning, match="flash_attn is not installed"):
+        assert resolve_attn_implementation(cfg.attn_implementation, cfg.padding_mode) == "mftcore_varlen"
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -66,7 +70,7 @@ def test_unsupported_values_are_one_line_errors_naming_the_key(key, value, messa
 
 
 def test_data_weights_as_mftcoder_writes_them_are_accepted():
-    assert TrainConfig.from_dict({"data_paths": DATA, **TINY, "data_weights": "[1.,1.,1.]"}).data_weights
+    assert "data_weights" not in TrainConfig.from_dict({"data_paths": DATA, **TINY, "data_weights": "[1.,1.,1.]"}).to_dict()
 
 
 def test_mftcoder_flags_become_overrides():
@@ -128,7 +132,7 @@ def test_epoch_checkpointing_saves_at_each_epoch_end(tmp_path, tiny_config):
 def test_linear_and_constant_with_warmup_schedules():
     import torch
 
-    from mftcore.train import build_scheduler
+    from mftcore.optim import build_scheduler
 
     lrs = {}
     for kind in ("linear", "constant_with_warmup"):

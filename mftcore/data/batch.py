@@ -35,10 +35,21 @@ class Batch:
             moved[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
         return Batch(**moved)
 
+    def pin_memory(self) -> "Batch":
+        """The same batch in page-locked host memory, so that .to(cuda, non_blocking=True) is asynchronous."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() if isinstance(getattr(self, f.name), torch.Tensor)
+                        else getattr(self, f.name) for f in fields(self)})
+
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens. Syncs when the batch is on a GPU: call it before moving."""
         return int((self.task_ids >= 0).sum())
+
+    def sum_squared_doc_lengths(self) -> int:
+        """sum over documents of length^2 = sum over real tokens of (2 * position + 1), for the attention
+        FLOPs; on the host, before the batch moves."""
+        real = self.task_ids >= 0
+        return int(((2 * self.position_ids + 1) * real).sum())
 
 
 def shift_labels(ids, mask) -> list[int]:

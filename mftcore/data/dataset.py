@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mftcore.data.cache import SampleStore, jsonl_files, prepare_cache, task_names  # noqa: F401 (re-export)
+from mftcore.data.cache import SampleStore, prepare_cache
 from mftcore.data.encode import parse_line
 from mftcore.data.render import render_record, render_text
 
@@ -74,19 +73,10 @@ def split_counts(n: int, train_frac: float, valid_frac: float) -> tuple:
     return n_train, n_valid
 
 
-def local_rank() -> int:
-    """LOCAL_RANK as torchrun sets it (0 when not launched by torchrun)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def data_rank() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def load_tasks(cfg, tokenizer, eos_id: int, *, progress: bool = True) -> TaskData:
-    """Build or reuse the cache entry for cfg, then split each task into train and valid indices."""
-    path, reused = prepare_cache(cfg, tokenizer, eos_id, local_rank=local_rank(), progress=progress)
+def load_tasks(cfg, tokenizer, eos_id: int, *, local_rank: int = 0, progress: bool = True) -> TaskData:
+    """Build or reuse the cache entry for cfg (on local rank 0; the others wait for it), then split each
+    task into train and valid indices."""
+    path, reused = prepare_cache(cfg, tokenizer, eos_id, local_rank=local_rank, progress=progress)
     store = SampleStore(path)
     names = [t["name"] for t in store.meta["tasks"]]
     train_frac, valid_frac, _ = cfg.split_fractions()

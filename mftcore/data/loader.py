@@ -10,11 +10,18 @@ without loss tokens, so that all ranks run the same micro-batches in every step.
 `gradient_accumulation_steps` micro-batches and never spans two epochs. The position (epoch, step
 within the epoch) is the whole state:
 `state_dict()` / `load_state_dict()` continue from exactly the next step.
+
+`Prefetcher` runs `StepLoader.steps()` one step ahead in a background thread, so that collating the
+next step's batches (and pinning them, on a GPU) overlaps the current step; each Step carries the
+loader position after it, which is what a checkpoint saved after that step resumes from.
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,6 +60,15 @@ def split_rows_to_multiple(rows: list, world_size: int) -> list:
     for k, row in enumerate(rows):
         out.extend(halves.get(k, (row,)))
     return out
+
+
+@dataclass
+class Step:
+    epoch: int
+    batches: list  # the micro-batches of one optimizer step
+    tokens: int  # real (non-padding) tokens of this rank's micro-batches
+    sq_lengths: int  # sum of squared document lengths (the attention FLOPs)
+    position: dict  # StepLoader.state_dict() after this step
 
 
 class StepLoader:
@@ -103,9 +119,65 @@ class StepLoader:
                 yield self.epoch, [self._collate(g) for g in chunk]
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
+    def steps(self):
+        """Step after Step forever from the current position, with their host-side token counts."""
+        for epoch, batches in self:
+            yield Step(epoch, batches, sum(b.num_tokens for b in batches),
+                       sum(b.sum_squared_doc_lengths() for b in batches), self.state_dict())
+
     def state_dict(self) -> dict:
         """The position after the last step handed out."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+
+class Prefetcher:
+    """`next()` returns the next Step with its batches on `device`; the Step after it is being collated
+    meanwhile in a daemon thread (one step ahead: the queue holds one). On a GPU the batches are pinned
+    in the thread and copied with non_blocking=True, so the copy never waits for the GPU to drain."""
+
+    def __init__(self, steps, device):
+        self.device = device
+        self.pin = device.type == "cuda"
+        self.queue = queue.Queue(maxsize=1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.produce, args=(iter(steps),), daemon=True, name="prefetch")
+        self.thread.start()
+
+    def produce(self, steps) -> None:
+        try:
+            for step in steps:
+                if self.pin:
+                    step.batches = [b.pin_memory() for b in step.batches]
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(step, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopped.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self.queue.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Step:
+        step = self.queue.get()
+        if isinstance(step, BaseException):
+            raise step
+        step.batches = [b.to(self.device) for b in step.batches]
+        return step
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

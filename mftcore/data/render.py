@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_ROLE_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}  # MFTCoder's
 USER_ROLES = ("human", "user")
 BOT_ROLES = ("bot", "assistant", "gpt")
 # (prompt key, answer key), in the order MFTCoder's UniformEncoder tests them.

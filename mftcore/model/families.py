@@ -49,9 +49,6 @@ FAMILIES = {
 # MFTCoder's spellings of the same families.
 ALIASES = {"starcoder": "gpt_bigcode"}
 
-# MFTCoder runs these from model code copied into its own repository; mftcore ships no model code.
-REMOTE_CODE_ONLY = ("aquila2", "baichuan", "chatglm2", "chatglm3", "qwen")
-
 
 def canonical(model_type: str | None) -> str | None:
     """MFTCoder's model_type spelling -> the key of FAMILIES (unknown types pass through, lower-cased)."""
@@ -59,16 +56,6 @@ def canonical(model_type: str | None) -> str | None:
         return None
     name = model_type.lower()
     return ALIASES.get(name, name)
-
-
-def check_model_type(model_type: str | None, source: str = "config") -> None:
-    """A one-line error for the families MFTCoder supports only through its own copied model code."""
-    name = canonical(model_type)
-    if name in REMOTE_CODE_ONLY:
-        raise ConfigError(
-            f"{source}: model_type: {model_type!r} is not supported: MFTCoder runs it from model code copied "
-            f"into its repository, which mftcore does not ship (supported: {', '.join(sorted(FAMILIES))}, "
-            "or any causal LM that transformers implements)")
 
 
 def get_family(model_type: str | None) -> Family | None:

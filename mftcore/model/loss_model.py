@@ -7,7 +7,7 @@ norm, LM head), ZeRO-3 would not gather them. So the trainer and the evaluation 
 tokens whose argmax is the label, for evaluation) and returns only small tensors, never logits.
 
 `batch_loss` / `head_loss` are the same computation as plain functions, for code that holds the bare
-model (tests, other trainers); the single-process numbers are identical either way.
+model (other trainers); the single-process numbers are identical either way.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from mftcore.data.batch import IGNORE_INDEX
 from mftcore.kernels import fused_linear_cross_entropy
-from mftcore.model import lm_head, run_decoder
+from mftcore.model.decoder import lm_head, run_decoder
 from mftcore.model.moe import router_aux_loss
 
 LOGIT_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of fp32 logits per chunk when counting correct tokens

@@ -159,7 +159,7 @@ def test_chat_template_renders_every_training_string(markers):
     from tests.helpers.tiny_models import TOKENIZER
     from transformers import AutoTokenizer
 
-    from mftcore.data.chat_template import build_chat_template
+    from mftcore.model.chat_template import build_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)  # not the session fixture: this test sets its template
     tokenizer.chat_template = build_chat_template(markers)

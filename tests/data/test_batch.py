@@ -7,7 +7,8 @@ import torch
 
 from mftcore.config import TrainConfig
 from mftcore.data import IGNORE_INDEX, Sample, collate_padded, epoch_order, load_tasks, micro_batches
-from mftcore.data.dataset import split_counts, task_names
+from mftcore.data.cache import task_names
+from mftcore.data.dataset import split_counts
 from mftcore.errors import DataError
 
 

@@ -166,7 +166,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer):
 
 
 def eos_tokenizer(eos):
-    from mftcore.model import load_tokenizer
+    from mftcore.model.load import load_tokenizer
 
     return load_tokenizer(TrainConfig.from_dict({"data_paths": ["x"], "tokenizer_path": TOKENIZER,
                                                  "model_config": {"model_type": "llama"}, "eos_token": eos}))
@@ -195,7 +195,7 @@ import os, signal, sys
 import mftcore.data.cache as cache
 from mftcore.config import TrainConfig
 from mftcore.data import load_tasks
-from mftcore.model import load_tokenizer
+from mftcore.model.load import load_tokenizer
 cache.write_index = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # dies with the tokens written
 cfg = TrainConfig.from_dict(dict(data_paths=[sys.argv[1]], tokenizer_path=sys.argv[2], output_dir=sys.argv[3],
                                  model_config={"model_type": "llama"}, tokenize_workers=1))

@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers.paths import TINY_MODEL
 from mftcore.data import IGNORE_INDEX, Sample, StepLoader, collate_packed, collate_padded
-from mftcore.model import hidden_states, packed_attention_mask
+from mftcore.model.decoder import hidden_states, packed_attention_mask
 
 X = IGNORE_INDEX
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from mftcore.config import DEFAULT_ROLE_MARKERS as M
+from mftcore.data.render import DEFAULT_ROLE_MARKERS as M
 from mftcore.data.render import RenderError, Segment, fmt, render_prompt, render_record, tokenize_segments
 
 

@@ -1,6 +1,6 @@
-"""Several `mftcore train` runs in one torchrun launch, for tests/test_distributed.py:
+"""Several `mftcore train` runs in one torchrun launch, for tests/parallel/test_distributed.py:
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_runs.py A.json B.json ...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/distributed_runs.py A.json B.json ...
 
 Starting Python, torch, transformers and DeepSpeed costs each process several seconds on a shared
 2-core machine; here the processes and the process group (gloo) are shared by all the runs, and each
@@ -15,7 +15,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)  # see tests/conftest.py: tiny models, and two processes on two cores
 
 from mftcore.cli import main  # noqa: E402
-from mftcore.distributed import destroy_process_group  # noqa: E402
+from mftcore.parallel.comm import destroy_process_group  # noqa: E402
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

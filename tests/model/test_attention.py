@@ -1,5 +1,5 @@
 """attn_implementation="mftcore_varlen" in HF models (CPU: the op's PyTorch reference; the same path on
-the Triton kernels runs in tests/interpret/), and the config's attn_implementation resolution."""
+the Triton kernels runs in tests/kernels/), and the config's attn_implementation resolution."""
 
 import copy
 import importlib.util
@@ -12,11 +12,12 @@ import transformers.masking_utils
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import mftcore.model.attention as attention
-from mftcore.config import TrainConfig, resolve_attn_implementation
+from mftcore.config import TrainConfig
+from mftcore.model.load import resolve_attn_implementation
 from mftcore.data import Sample, collate_padded
 from mftcore.data.batch import Batch
 from mftcore.errors import ConfigError
-from mftcore.model import hidden_states
+from mftcore.model.decoder import hidden_states
 
 VOCAB = 97
 FAMILIES = {  # tiny configs; rotary everywhere (GPT-NeoX: on a quarter of each head), GQA where the family has it
@@ -124,7 +125,9 @@ BASE = {"data_paths": ["a"], "tokenizer_path": "t", "model_config": {"model_type
 
 
 def test_attn_implementation_resolution(monkeypatch):
-    assert TrainConfig.from_dict(BASE).attn_implementation == "sdpa"
+    """The config keeps what the user wrote (null = auto); the model loader resolves it for the run."""
+    assert TrainConfig.from_dict(BASE).attn_implementation is None
+    assert resolve_attn_implementation(None, "padding") == "sdpa"
     assert TrainConfig.from_dict({**BASE, "attn_implementation": "mftcore_varlen"}).attn_implementation == \
         "mftcore_varlen"
     assert resolve_attn_implementation(None, "pack") == resolve_attn_implementation("auto", "pack") == \
@@ -138,8 +141,7 @@ def test_attn_implementation_resolution(monkeypatch):
                         real_find_spec(name, *a))
     # MFTCoder's configs ask for FA2: without flash_attn they run on mftcore_varlen (same exact attention).
     with pytest.warns(UserWarning, match="flash_attn is not installed; using mftcore_varlen"):
-        cfg = TrainConfig.from_dict({**BASE, "attn_implementation": "flash_attention_2"})
-    assert cfg.attn_implementation == "mftcore_varlen"
+        assert resolve_attn_implementation("flash_attention_2", "padding") == "mftcore_varlen"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
                         real_find_spec(name, *a))
     assert resolve_attn_implementation("flash_attention_2", "padding") == "flash_attention_2"
@@ -167,7 +169,7 @@ def test_gpu_packed_decoder_runs_the_kernels_without_host_syncs():
     """bf16 Llama on the Triton kernels: per-document outputs as under SDPA alone, and a forward plus
     backward through every layer with torch's sync debug mode set to error (inputs_embeds: the embedding
     backward is outside the attention path and not ours)."""
-    from mftcore.model import decoder
+    from mftcore.model.decoder import decoder
 
     varlen, sdpa = (m.to("cuda", torch.bfloat16) for m in make_models("llama", hidden_size=256))
     docs = [torch.randint(0, VOCAB, (n,), device="cuda") for n in (300, 1, 77, 150)]

@@ -9,11 +9,14 @@ from tests.helpers.paths import DATA
 from mftcore.config import TrainConfig
 from mftcore.data import collate_padded, load_tasks
 from mftcore.errors import ConfigError
-from mftcore.model import load_model, load_tokenizer
+from mftcore.model.load import load_model, load_tokenizer
 from mftcore.model.families import (
     FAMILIES, check_loss_compatible, decoder_layer_class, get_family, lora_target_modules, resolve_eos_token,
 )
-from mftcore.train import batch_loss, build_optimizer, build_scheduler, train_step
+from mftcore.model.loss_model import LossModel, batch_loss
+from mftcore.optim import build_optimizer, build_scheduler
+from mftcore.parallel import Engine
+from mftcore.train import train_step
 
 
 def family_config(model_type: str, **updates) -> TrainConfig:
@@ -59,9 +62,9 @@ def test_family_trains_one_step(model_type, batch):
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=2)
     before = [p.detach().clone() for p in model.parameters()]
-    loss, task_sum, counts, grad_norm = train_step(model, [b], optimizer, scheduler, cfg, 3, None)
-    assert torch.isfinite(loss) and torch.isfinite(grad_norm) and grad_norm > 0
-    assert counts.sum() == (b.labels != -100).sum()
+    res = train_step(Engine(LossModel(model, 3), model, optimizer), [b], scheduler, cfg, 3, None)
+    assert torch.isfinite(res.loss) and torch.isfinite(res.grad_norm) and res.grad_norm > 0 and res.skip == 0
+    assert res.task_token_count.sum() == (b.labels != -100).sum()
     changed = [not torch.equal(p0, p) for p0, p in zip(before, model.parameters())]
     assert sum(changed) >= 0.9 * len(changed), f"{sum(changed)}/{len(changed)} parameters moved"
     model.eval()
@@ -129,13 +132,9 @@ def test_eos_falls_back_to_the_family_token(tmp_path):
 
 def test_lora_defaults_to_the_family_targets():
     """target_modules null: the trainer's LoRA uses the family's targets (MoE routers left out)."""
-    from types import SimpleNamespace
+    from mftcore.model.lora import lora_targets
 
-    from mftcore.model.adapters import lora_targets
-
-    def cfg(model_type, target_modules=None):
-        return SimpleNamespace(model_type=model_type, target_modules=target_modules)
-
-    assert lora_targets(cfg("qwen2_moe")) == list(get_family("qwen2_moe").lora_targets)
-    assert lora_targets(cfg("llama", "[q_proj,v_proj]")) == ["q_proj", "v_proj"]
-    assert lora_targets(cfg(None)) == "all-linear"
+    assert lora_targets(family_config("qwen2_moe")) == list(get_family("qwen2_moe").lora_targets)
+    assert lora_targets(family_config("llama", target_modules="[q_proj,v_proj]")) == ["q_proj", "v_proj"]
+    assert lora_targets(TrainConfig.from_dict({"data_paths": DATA, "tokenizer_path": TOKENIZER,
+                                               "model_config": TINY_CONFIGS["llama"]})) == "all-linear"

@@ -13,17 +13,17 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers.paths import DATA, ROOT, TINY_MODEL, TOKENIZER
 from tests.helpers.engine import engine_config, read_metrics, tensors, write_config
-from mftcore import distributed
+from mftcore import parallel
 from mftcore.cli import main
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, collate_padded, load_tasks
 from mftcore.data.batch import empty_batch
 from mftcore.errors import ConfigError
 from mftcore.evaluate import batched
-from mftcore.model import load_tokenizer
+from mftcore.model.load import load_tokenizer
 from mftcore.model.loss_model import LossModel
 from mftcore.train import train
-from mftcore.zero import fill_deepspeed_config
+from mftcore.parallel.deepspeed import fill_deepspeed_config
 
 BASE = {"data_paths": DATA, "tokenizer_path": TOKENIZER, "model_config": TINY_MODEL,
         "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
@@ -34,9 +34,9 @@ def config(**updates) -> TrainConfig:
 
 
 def test_engine_choice_defaults_and_spellings():
-    assert distributed.choose_engine(config(), 1) == "none"
-    assert distributed.choose_engine(config(), 4) == "ddp"  # runs every model and peft_type
-    assert distributed.choose_engine(config(deepspeed_config={}), 1) == "deepspeed"
+    assert parallel.choose_engine(config(), 1) == "none"
+    assert parallel.choose_engine(config(), 4) == "ddp"  # runs every model and peft_type
+    assert parallel.choose_engine(config(deepspeed_config={}), 1) == "deepspeed"
     assert config(distributed_type="FSDP").distributed_type == "fsdp"  # MFTCoder's spellings
     assert config(distributed_type="DeepSpeed").distributed_type == "deepspeed"
 
@@ -49,13 +49,13 @@ def test_engine_choice_defaults_and_spellings():
 ])
 def test_engine_choice_refuses_contradictions(updates, world, message):
     with pytest.raises(ConfigError, match=message):
-        distributed.choose_engine(config(**updates), world)
+        parallel.choose_engine(config(**updates), world)
 
 
 def test_unknown_engine_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="distributed_type: 'megatron' is not supported"):
-        config(distributed_type="megatron")
-    with pytest.raises(ConfigError, match="deepspeed_config: expected a JSON file path or an object"):
+        parallel.choose_engine(config(distributed_type="megatron"), 1)
+    with pytest.raises(ConfigError, match="deepspeed_config: expected a string, an object or null, got 3"):
         config(deepspeed_config=3)
 
 

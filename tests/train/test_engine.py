@@ -13,14 +13,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.helpers.paths import TINY_MODEL
 from tests.helpers.engine import engine_config, read_metrics, save_tiny_pretrained, tensors
-from mftcore import evaluate as evaluate_module
 from mftcore import train as train_module
 from mftcore.data import collate_padded, load_tasks
 from mftcore.errors import ConfigError, TrainingError
 from mftcore.metrics import attention_width, matmul_params, step_flops
-from mftcore.model import causal_lm, load_tokenizer, run_decoder
+from mftcore.model.decoder import causal_lm, run_decoder
+from mftcore.model.load import load_tokenizer
 from mftcore.model import loss_model as loss_model_module
-from mftcore.model.adapters import build_model
+from mftcore.model.build import build_model
 from mftcore.model.moe import moe_spec, router_aux_loss
 from mftcore.train import train
 
@@ -45,7 +45,7 @@ def test_lora_trains_only_adapters_and_saves_a_plain_peft_adapter(tmp_path, tiny
     valid = load_tasks(cfg, tok, tok.eos_token_id).valid
     batch = collate_padded(valid, tok.eos_token_id)
     with torch.no_grad():
-        got = train_module.batch_loss(model.eval(), batch, 3, reduction="task_mean").loss.item()
+        got = loss_model_module.batch_loss(model.eval(), batch, 3, reduction="task_mean").loss.item()
     assert got == pytest.approx(read_metrics(cfg.output_dir, "valid")[-1]["loss"], rel=1e-5)
 
 
@@ -125,11 +125,21 @@ def test_moe_training_adds_the_aux_loss(tmp_path):
 
 
 def test_evaluation_accuracy_early_stopping_and_best_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_module, "LOGIT_CHUNK_ELEMENTS", 3000)  # accuracy from 3-row logit chunks
+    monkeypatch.setattr(loss_model_module, "LOGIT_CHUNK_ELEMENTS", 3000)  # accuracy from 3-row logit chunks
+    real_linear, head_rows = torch.nn.functional.linear, []
+
+    def linear(x, weight, bias=None):  # the LM head's logits are built only to count correct tokens
+        if weight.shape[0] == 945:
+            head_rows.append(x.shape[0])
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
     # lr 0: the weights never change, so no evaluation after the first improves: stall 1, 2 -> stop at 3.
     cfg = engine_config(tmp_path / "out", learning_rate=0.0, min_lr=0.0, max_train_steps=10, evaluation_steps=1,
                         checkpointing_steps=1, early_stopping_stall_num=2, saving_limit=1)
     final = train(cfg)
+    monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+    assert head_rows.count(3) > 3  # the accuracy count ran in 3-row logit chunks (its only logits)
     valid = read_metrics(cfg.output_dir, "valid")
     assert [r["step"] for r in valid] == [1, 2, 3]
     assert sorted(n for n in os.listdir(cfg.output_dir) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-3"]

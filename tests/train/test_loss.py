@@ -11,7 +11,7 @@ from mftcore.data import IGNORE_INDEX, Batch, Sample, collate_padded, shift_labe
 from mftcore.kernels import fused_linear_cross_entropy
 from mftcore.kernels.cross_entropy import masked_cross_entropy_reference
 from mftcore.errors import ConfigError
-from mftcore.loss import MODES, MFTLoss, step_token_scales
+from mftcore.loss import BASE_MODES as MODES, MFTLoss, step_token_scales
 
 VOCAB, H, K = 23, 8, 3
 WEIGHTS = torch.tensor([1.0, 3.0, 0.5])
@@ -205,6 +205,8 @@ def test_trainer_step_uses_the_configured_mode(mode, weights):
     """mftcore.train.train_step over two micro-batches returns the mode's loss of the whole step."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mftcore.model.loss_model import LossModel
+    from mftcore.parallel import Engine
     from mftcore.train import train_step
 
     torch.manual_seed(0)
@@ -222,6 +224,6 @@ def test_trainer_step_uses_the_configured_mode(mode, weights):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     micro = [collate_padded(samples[:5], 0), collate_padded(samples[5:], 0)]
-    loss, _, counts, _ = train_step(model, micro, optimizer, scheduler, cfg, K, weights)
-    assert loss.item() == pytest.approx(want, rel=1e-5)
-    assert counts.sum().item() == (big.labels != IGNORE_INDEX).sum().item()
+    res = train_step(Engine(LossModel(model, K), model, optimizer), micro, scheduler, cfg, K, weights)
+    assert res.loss.item() == pytest.approx(want, rel=1e-5)
+    assert res.task_token_count.sum().item() == (big.labels != IGNORE_INDEX).sum().item()

@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from mftcore.config import TrainConfig
 from mftcore.data import collate_padded, load_tasks
-from mftcore.model import load_tokenizer
-from mftcore.train import batch_loss, build_scheduler, train
+from mftcore.model.load import load_tokenizer
+from mftcore.model.loss_model import batch_loss
+from mftcore.optim import build_scheduler
+from mftcore.train import train
 
 
 def run_tiny(tiny_config, **updates):

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mftcore.config import DEFAULT_ROLE_MARKERS
-from mftcore.data.chat_template import saved_role_markers
-from mftcore.data.render import RenderError, render_record, tokenize_segments
+from mftcore.data.render import DEFAULT_ROLE_MARKERS, RenderError, render_record, tokenize_segments
 from mftcore.errors import ConfigError, DataError
+from mftcore.io import atomic_write_text
+from mftcore.model.chat_template import saved_role_markers
 
 
 @dataclass
@@ -76,7 +76,7 @@ def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     if adapter is not None:
-        from mftcore.merge import apply_adapter
+        from mftcore.commands.merge import apply_adapter
 
         model = apply_adapter(model, adapter, model_dir)
     model.to(device).eval()
@@ -195,11 +195,7 @@ def write_jsonl(path: str | None, records: list) -> None:
     if path is None:
         sys.stdout.write(lines)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(lines)
-    os.replace(tmp, path)
+    atomic_write_text(path, lines)
 
 
 def answer(model_dir: str, adapter: str | None = None, *, prompt: str | None = None, system: str | None = None,

@@ -1,11 +1,8 @@
-"""Full fine-tuning, LoRA and QLoRA on one HF model, with the precision and activation checkpointing
-the config asks for. Functions applied to an untouched model, in order, by `build_model`:
+"""The model ready to train: loaded in the precision the config asks for, quantized and adapted, with
+activation checkpointing. Functions applied to an untouched model, in order, by `build_model`:
 
     load (fp32, or the half dtype for a frozen LoRA base, or nf4 for QLoRA)
     -> prepare for k-bit training (QLoRA) -> add LoRA adapters -> activation checkpointing
-
-peft does the adapter work; a PeftModel keeps the causal LM (decoder + LM head) under
-base_model.model, which `mftcore.model.causal_lm` unwraps for the fused loss.
 """
 
 from __future__ import annotations
@@ -13,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from mftcore.errors import ConfigError
-from mftcore.model.families import lora_target_modules
+from mftcore.model.decoder import causal_lm
+from mftcore.model.load import load_model
+from mftcore.model.lora import add_adapters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,41 +46,8 @@ def storage_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     return dtype if cfg.peft_type == "lora" else torch.float32
 
 
-def lora_targets(cfg):
-    """cfg.target_modules, else the family's targets (model/families.py), else peft's "all-linear"."""
-    targets = cfg.target_modules
-    if targets is None:
-        return lora_target_modules(cfg.model_type)
-    if isinstance(targets, str) and targets != "all-linear":
-        return [t.strip() for t in targets.strip("[]").split(",") if t.strip()]
-    return targets
-
-
-def add_adapters(model, cfg):
-    """Wrap the model as a PeftModel with LoRA adapters (fp32 adapter weights); the base is frozen."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.peft_type == "qlora":
-        # Freezes the base and upcasts its non-quantized weights (norms, embeddings) to fp32.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = lora_targets(cfg)
-    head = model.get_output_embeddings()
-    head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
-    if not isinstance(targets, str) and head_names & set(targets):
-        # The fused loss multiplies by the head's weight directly; an adapter on it would be ignored.
-        raise ConfigError(f"target_modules: the LM head ({sorted(head_names)[0]}) cannot take a LoRA adapter")
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as e:  # e.g. a target module name the model does not have
-        raise ConfigError(f"target_modules: {e}") from None
-
-
 def set_activation_checkpointing(model, enabled: bool) -> None:
     """Recompute each decoder layer in the backward pass (non-reentrant, so a frozen embedding is fine)."""
-    from mftcore.model import causal_lm
-
     if not enabled:
         return
     lm = causal_lm(model)
@@ -93,11 +59,9 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
 
 
 def build_model(cfg, vocab_size: int, device: torch.device, *, place: bool = True):
-    """The model ready to train on `device`: loaded, quantized and/or adapted, checkpointing set.
-    place=False leaves an unquantized model on the CPU, for FSDP2, which moves each shard to `device`
-    as it shards (a full copy per GPU would otherwise be the memory peak)."""
-    from mftcore.model import load_model
-
+    """The model ready to train on `device`. place=False leaves an unquantized model on the CPU, for
+    FSDP2, which moves each shard to `device` as it shards (a full copy per GPU would otherwise be the
+    memory peak)."""
     dtype = compute_dtype(cfg, device)
     quant = quantization_config(cfg, dtype)
     # transformers places a quantized model itself (device_map); the rest is moved after loading.
@@ -105,14 +69,8 @@ def build_model(cfg, vocab_size: int, device: torch.device, *, place: bool = Tru
                        device_map=None if quant is None else {"": str(device)})
     if quant is None and place:
         model = model.to(device)
-    if cfg.peft_type in ("lora", "qlora"):
+    if cfg.peft_type is not None:
         model = add_adapters(model, cfg)
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
     return model
-
-
-def is_adapter_model(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)

@@ -13,13 +13,10 @@ replacement as training (`render.fmt`). Roles and their order follow `render_cha
 
 from __future__ import annotations
 
-import json
 import os
 
-from mftcore.data.render import BOT_ROLES, USER_ROLES
-from mftcore.errors import ConfigError
-
-CONFIG_NAME = "mftcore_config.json"  # the training config saved beside a model (role markers inside)
+from mftcore.data.render import BOT_ROLES, DEFAULT_ROLE_MARKERS, USER_ROLES
+from mftcore.io import CONFIG_FILE, read_json_object
 
 
 def jinja_literal(text: str) -> str:
@@ -65,15 +62,8 @@ def build_chat_template(markers: dict) -> str:
 def saved_role_markers(*dirs) -> tuple[dict, str | None]:
     """The role markers a model was trained with: the first of `dirs` holding an mftcore_config.json
     (written by `train` and `merge`) wins; else MFTCoder's defaults. Returns (markers, that file or None)."""
-    from mftcore.config import DEFAULT_ROLE_MARKERS
-
     for d in dirs:
-        path = os.path.join(d, CONFIG_NAME) if d else None
+        path = os.path.join(d, CONFIG_FILE) if d else None
         if path and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                try:
-                    saved = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-            return {**DEFAULT_ROLE_MARKERS, **(saved.get("role_markers") or {})}, path
+            return {**DEFAULT_ROLE_MARKERS, **(read_json_object(path).get("role_markers") or {})}, path
     return dict(DEFAULT_ROLE_MARKERS), None

@@ -39,9 +39,9 @@ import warnings
 
 import torch
 
-from mftcore.config import read_json_object
-from mftcore.distributed import Engine
 from mftcore.errors import ConfigError
+from mftcore.io import read_json_object
+from mftcore.parallel.engine import Engine
 
 TAG = "deepspeed"  # the subdirectory of checkpoint-N/ that DeepSpeed writes
 
@@ -133,18 +133,24 @@ def import_deepspeed(device: torch.device):
 
 
 class DeepSpeedEngine(Engine):
-    """A DeepSpeed engine behind the interface of distributed.Engine; `module` is the engine itself."""
+    """A DeepSpeed engine behind the Engine interface; `module` is the DeepSpeed engine itself."""
 
-    stage = 2  # ZeRO stage, set by create()
+    name = "deepspeed"
+    label = "deepspeed"  # in messages
+    format = "deepspeed"
+    multi_process = True
+    casts_itself = True  # bf16/fp16 sections of its config, filled from mixed_precision
+    stage = 2  # ZeRO stage, set by wrap()
 
     @classmethod
-    def create(cls, loss_model, model, cfg, env, dtype: torch.dtype, make_optimizer) -> "DeepSpeedEngine":
-        from mftcore.model import causal_lm, lm_head
+    def wrap(cls, loss_model, cfg, env, *, dtype, make_optimizer, scaler=None, moe=None) -> "DeepSpeedEngine":
+        from mftcore.model.decoder import causal_lm, lm_head
 
+        model = loss_model.model
         deepspeed = import_deepspeed(env.device)
         hidden_size = getattr(causal_lm(model).config, "hidden_size", 0)
         ds_config = fill_deepspeed_config(cfg, env.world_size, dtype, hidden_size)
-        optimizer = make_optimizer(model)
+        optimizer = make_optimizer(model, allow_fused=False)
         if offloads_optimizer(ds_config):
             optimizer = cpu_adam_like(optimizer, cfg)
         engine, _, _, _ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=ds_config,
@@ -153,14 +159,9 @@ class DeepSpeedEngine(Engine):
             # The fused loss reads the LM head's weight directly, outside the head's own forward.
             for p in lm_head(model).parameters():
                 deepspeed.zero.register_external_parameter(engine.module, p)
-        out = cls(engine, model, optimizer, kind="deepspeed", rank=env.rank, world_size=env.world_size,
-                  peft=cfg.peft_type is not None)
+        out = cls(engine, model, optimizer, rank=env.rank, world_size=env.world_size, peft=cfg.peft_type is not None)
         out.stage = ds_config["zero_optimization"]["stage"]
         return out
-
-    @property
-    def format(self) -> str:
-        return "deepspeed"
 
     @contextlib.contextmanager
     def accumulate(self, last: bool):
@@ -170,21 +171,24 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss * self.world_size if self.world_size > 1 else loss, scale_wrt_gas=False)
 
-    def update(self, max_grad_norm: float, total_loss: torch.Tensor) -> tuple:
+    def step(self, max_grad_norm: float, total_loss: torch.Tensor) -> tuple:
         """DeepSpeed clips to gradient_clipping (our max_grad_norm) and skips a non-finite step itself."""
         self.module.step()
         norm = self.module.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm))
         if self.module.was_step_applied():
-            return grad_norm, None
+            return grad_norm, 0
         if not torch.isfinite(total_loss):
-            return grad_norm, "loss"
-        return grad_norm, "fp16 overflow" if self.module.fp16_enabled() else "gradient"
+            return grad_norm, 1
+        return grad_norm, 3 if self.module.fp16_enabled() else 2
 
-    def save_sharded(self, directory: str) -> None:
+    def save(self, directory: str) -> None:
         self.module.save_checkpoint(directory, tag=TAG, save_latest=False, exclude_frozen_parameters=self.peft)
 
-    def load_sharded(self, directory: str) -> None:
+    def load(self, directory: str, saved: dict) -> None:
+        if saved.get("world_size", 1) != self.world_size:
+            raise ConfigError(f"resume_from_checkpoint: {directory}: DeepSpeed ZeRO checkpoints resume on as many "
+                              f"ranks as saved them ({saved.get('world_size')}), not {self.world_size}")
         path, _ = self.module.load_checkpoint(directory, tag=TAG, load_module_strict=not self.peft,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
@@ -198,21 +202,21 @@ class DeepSpeedEngine(Engine):
         sd = self.module._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=self.peft)
         return None if sd is None else strip_prefix(sd)
 
+    @classmethod
+    def load_weights(cls, directory: str, model, peft: bool) -> None:
+        """A DeepSpeed checkpoint's fp32 weights into a plain model, in one process (zero_to_fp32)."""
+        import_deepspeed(torch.device("cpu"))
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = strip_prefix(get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG, exclude_frozen_parameters=peft))
+        result = model.load_state_dict(sd, strict=False)
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}  # a tied twin is named once
+        missing = [k for k in result.missing_keys if k in trained]
+        if missing or result.unexpected_keys:
+            raise ConfigError(f"export: {directory}: the DeepSpeed checkpoint does not match the model "
+                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+
 
 def strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
     """LossModel's keys ("model.<HF key>") -> the HF (or PEFT) model's own keys."""
     return {k.removeprefix(prefix): v for k, v in state_dict.items()}
-
-
-def load_zero_weights(directory: str, model, peft: bool) -> None:
-    """A DeepSpeed checkpoint's fp32 weights into a plain model, in one process (export)."""
-    import_deepspeed(torch.device("cpu"))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    sd = strip_prefix(get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG, exclude_frozen_parameters=peft))
-    result = model.load_state_dict(sd, strict=False)
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}  # a tied twin is named once
-    missing = [k for k in result.missing_keys if k in trained]
-    if missing or result.unexpected_keys:
-        raise ConfigError(f"export: {directory}: the DeepSpeed checkpoint does not match the model "
-                          f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")

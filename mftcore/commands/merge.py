@@ -11,16 +11,16 @@ else MFTCoder's defaults), and that config is saved beside the model for `mftcor
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
 
-from mftcore.checkpoint import atomic_dir
-from mftcore.data.chat_template import CONFIG_NAME, build_chat_template, saved_role_markers
 from mftcore.errors import ConfigError
-from mftcore.model.families import check_model_matches, check_model_type, resolve_eos_token
+from mftcore.io import CONFIG_FILE, atomic_dir, atomic_write_json, read_json_object
+from mftcore.mftcoder import check_model_type
+from mftcore.model.chat_template import build_chat_template, saved_role_markers
+from mftcore.model.families import check_model_matches, resolve_eos_token
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -84,12 +84,8 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        saved = {}
-        if markers_from is not None:
-            with open(markers_from, encoding="utf-8") as f:
-                saved = json.load(f)
+        saved = read_json_object(markers_from) if markers_from is not None else {}
         saved["role_markers"] = markers
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(saved, f, indent=2)
+        atomic_write_json(os.path.join(tmp, CONFIG_FILE), saved, indent=2)
     log(f"saved {out} (role markers from {markers_from or 'MFTCoder defaults'})")
     return out
