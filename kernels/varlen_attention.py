@@ -9,9 +9,10 @@ only to tokens of its own segment (causal: to those not after it). q and k share
 causal alignment is unambiguous. Outputs of padding segments are computed like any other and ignored.
 
 Layout (Liger's): Triton kernels, their launchers, one autograd.Function, the public function; the
-PyTorch reference (per-segment SDPA) beside it is the CPU path and the test oracle. Dispatch: CUDA
-fp16/bf16 -> Triton; everything else -> reference, except that with TRITON_INTERPRET=1 CPU fp32/fp16
-run the Triton code (bf16 is computed wrongly by the interpreter, so it stays on the reference).
+PyTorch reference (per-segment SDPA, varlen_attention_reference.py) is the CPU path and the test oracle.
+Dispatch: CUDA fp16/bf16 -> Triton; everything else -> reference, except that with TRITON_INTERPRET=1
+CPU fp32/fp16 run the Triton code (bf16 is computed wrongly by the interpreter, so it stays on the
+reference).
 
 Kernels (FA2's algorithm, log2 domain): the forward keeps a running max and sum per query row and saves
 lse = log2(sum exp2) per (head, token) for the backward. The backward recomputes P from lse; one program
@@ -30,9 +31,10 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .varlen_attention_reference import check_segments, varlen_attention_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton.jit reads it at import, so do we
 MAX_HEAD_DIM = 256
@@ -375,33 +377,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-# ------------------------------------------------------------------------------- reference, public
-
-def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen=None, *, causal=True, softmax_scale=None):
-    """The oracle and the CPU path: SDPA on each segment alone (reads cu_seqlens on the host)."""
-    bounds = check_segments(cu_seqlens, q.shape[0], max_seqlen)
-    group = q.shape[1] // k.shape[1]
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if a == b:
-            continue
-        qi, ki, vi = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        if group > 1:
-            ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
-        outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=softmax_scale).transpose(0, 1))
-    return torch.cat(outs) if outs else q.new_empty(q.shape)
-
-
-def check_segments(cu_seqlens, total_tokens: int, max_seqlen: Optional[int]) -> list:
-    """cu_seqlens as a list after checking it rises from 0 to T with no segment over max_seqlen (syncs)."""
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != total_tokens or min(lengths) < 0:
-        raise ValueError(f"cu_seqlens must rise from 0 to T={total_tokens}, got {bounds}")
-    if max_seqlen is not None and max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is shorter than a segment of {max(lengths)} tokens")
-    return bounds
-
+# ------------------------------------------------------------------------------------------ public
 
 def uses_triton(q: torch.Tensor) -> bool:
     """Whether varlen_attention runs the Triton kernels for these inputs (see the module docstring)."""
