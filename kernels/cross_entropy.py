@@ -24,7 +24,7 @@ backward() multiplies the stored gradients by grad_output * c_max in place. The 
 buffer under 2*N*H*itemsize (CHUNK_BYTES_FLOOR at least). grad_W accumulates in the weight's dtype:
 with bf16 weights that is one bf16 rounding per chunk (Liger does the same); an fp32 accumulator would
 cost 4*V*H bytes, over the memory goal. CPU tensors run `chunk_logits_grad_torch` per chunk in the same
-Function unless the kernels were decorated under TRITON_INTERPRET=1, which runs the Triton code on CPU.
+Function, except fp32/fp16 under TRITON_INTERPRET=1, which run the Triton code on CPU (dispatch.py).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from .cross_entropy_reference import (
     num_tasks_of,
     softmax_grad_torch,
 )
+from .dispatch import ANY_DTYPE, interpreted, uses_triton
 
 __all__ = ["CrossEntropyOutput", "REDUCTIONS", "fused_linear_cross_entropy", "masked_cross_entropy",
            "fused_linear_cross_entropy_reference", "masked_cross_entropy_reference", "token_scales"]
@@ -160,15 +161,6 @@ def dot_precision(dtype: torch.dtype, interpret: bool) -> str:
     if dtype == torch.float32 and not interpret and tf32:
         return "tf32"
     return "ieee"
-
-
-def interpreted() -> bool:
-    """Whether the kernels were decorated with TRITON_INTERPRET=1 (it must be set before triton loads)."""
-    return type(_logits_lse_kernel).__name__ == "InterpretedFunction"
-
-
-def uses_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and interpreted())
 
 
 def chunk_rows(n: int, h: int, v: int, itemsize: int, triton_path: bool, want_grad: bool) -> int:
@@ -335,7 +327,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         logits, labels, lse, scale = ctx.saved_tensors
         row_scale = scale * grad_loss.float()
         grad = torch.empty_like(logits)
-        if uses_triton(logits):
+        if uses_triton(logits, cuda_dtypes=ANY_DTYPE):
             softmax_grad(logits, lse, row_scale, labels, out=grad)
         else:
             rows = max(1, CHUNK_BYTES_FLOOR // (8 * logits.shape[1]))
@@ -371,7 +363,7 @@ def fused_linear_cross_entropy(
     bias = None if bias is None else bias.to(hidden.dtype).contiguous()
     scale, tasks, valid, counts = token_scales(labels, task_ids, K, reduction, task_weights, token_scale,
                                                ignore_index)
-    triton_path = uses_triton(hidden)
+    triton_path = uses_triton(hidden, cuda_dtypes=ANY_DTYPE)  # fp32 has its own tiles (LOGITS_CONFIGS)
     if hidden.shape[0] == 0:  # an empty micro-batch (e.g. a rank without loss tokens): zero, but connected
         return CrossEntropyOutput(hidden.sum().float() * 0, torch.zeros_like(counts), counts)
     grad_wanted = torch.is_grad_enabled() and any(

@@ -27,16 +27,15 @@ max_seqlen * Hq * D must stay below 2**31.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .dispatch import TENSOR_CORE_DTYPES, uses_triton
 from .varlen_attention_reference import check_segments, varlen_attention_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton.jit reads it at import, so do we
 MAX_HEAD_DIM = 256
 
 
@@ -379,13 +378,6 @@ class VarlenAttentionFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------ public
 
-def uses_triton(q: torch.Tensor) -> bool:
-    """Whether varlen_attention runs the Triton kernels for these inputs (see the module docstring)."""
-    if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16)
-    return INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16)
-
-
 def check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     """Shape checks that need no synchronisation."""
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
@@ -410,7 +402,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     torch.are_deterministic_algorithms_enabled(); it only changes how the Triton backward sums dQ."""
     check_inputs(q, k, v, cu_seqlens, max_seqlen)
     scale = q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not uses_triton(q):
+    if not uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES):  # no fp32 tiles: fp32 on CUDA takes the reference
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
     if not q.is_cuda:  # the interpreter does not bounds-check: validate here, where a host read costs nothing
         check_segments(cu_seqlens, q.shape[0], max_seqlen)

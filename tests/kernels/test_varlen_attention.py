@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mftcore.kernels import varlen_attention
+from mftcore.kernels.dispatch import TENSOR_CORE_DTYPES, uses_triton
 
 va = sys.modules["mftcore.kernels.varlen_attention"]  # the module; the package exports its function
 from tests.helpers.paths import ROOT
@@ -48,7 +49,8 @@ def test_reference_matches_block_diagonal_attention(causal):
 
 def test_cpu_dispatch_is_the_reference_and_scale_applies():
     q = torch.randn(10, 2, 8)
-    assert not va.uses_triton(q) and not va.uses_triton(q.half())  # no TRITON_INTERPRET in this process
+    assert not uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES)  # no TRITON_INTERPRET in this process
+    assert not uses_triton(q.half(), cuda_dtypes=TENSOR_CORE_DTYPES)
     cu = cu_of([4, 6])
     scaled = varlen_attention(q, q, q, cu, 6, softmax_scale=0.3)
     torch.testing.assert_close(scaled, varlen_attention(q * 0.3 / 8 ** -0.5, q, q, cu, 6))

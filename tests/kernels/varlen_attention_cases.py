@@ -18,6 +18,7 @@ import torch
 
 from mftcore.data.batch import Batch
 from mftcore.kernels import varlen_attention  # noqa: F401 - imports the module below
+from mftcore.kernels.dispatch import TENSOR_CORE_DTYPES, uses_triton
 from mftcore.kernels.varlen_attention_reference import varlen_attention_reference
 
 va = sys.modules["mftcore.kernels.varlen_attention"]
@@ -51,7 +52,7 @@ def make_inputs(lengths, hq, hkv, d, dtype, seed=0):
 def run(q, k, v, cu, max_seqlen, do, **kwargs):
     """Output and (dq, dk, dv) of the Triton path."""
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    assert va.uses_triton(q)
+    assert uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES)
     o = va.varlen_attention(q, k, v, cu, max_seqlen, **kwargs)
     return (o, *torch.autograd.grad(o, (q, k, v), do))
 
