@@ -46,11 +46,13 @@ from .cross_entropy_reference import (
     masked_cross_entropy_reference,
     num_tasks_of,
     softmax_grad_torch,
+    task_mean_scales,
 )
 from .dispatch import ANY_DTYPE, interpreted, uses_triton
 
 __all__ = ["CrossEntropyOutput", "REDUCTIONS", "fused_linear_cross_entropy", "masked_cross_entropy",
-           "fused_linear_cross_entropy_reference", "masked_cross_entropy_reference", "token_scales"]
+           "fused_linear_cross_entropy_reference", "masked_cross_entropy_reference", "task_mean_scales",
+           "token_scales"]
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -231,11 +233,7 @@ def token_scales(labels, task_ids, num_tasks: int, reduction: str, task_weights=
     elif reduction == "sum":
         scale = valid.float() if token_scale is None else torch.where(valid, token_scale.reshape(-1).float(), 0.0)
     else:
-        w = torch.ones_like(counts) if task_weights is None else torch.as_tensor(
-            task_weights, dtype=torch.float32, device=labels.device)
-        present_w = torch.where(counts > 0, w, 0.0)
-        per_task = present_w / (counts.clamp(min=1) * present_w.sum().clamp(min=1e-12))
-        scale = torch.where(valid, per_task[tasks], 0.0)
+        scale = torch.where(valid, task_mean_scales(counts, task_weights)[tasks], 0.0)
     return scale, tasks, valid, counts
 
 
