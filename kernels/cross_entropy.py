@@ -133,7 +133,7 @@ class TileConfig:
     num_stages: int
 
 
-# The launcher picks one of these by device and dtype, nothing else; tests/test_cross_entropy_compile.py
+# The launcher picks one of these by device and dtype, nothing else; tests/kernels/test_cross_entropy_compile.py
 # compiles each for sm_90 and sm_80 and reports registers, spills and shared memory.
 LOGITS_CONFIGS = {
     # sm_90 (wgmma): 256x128 holds the fp32 tile in 253 registers without spills; 128x256 spills 24 bytes
@@ -253,7 +253,7 @@ def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path
             return run_chunks(hidden, weight, bias, labels, row_scale, want, triton_path)
     rows = chunk_rows(N, H, V, hidden.element_size(), triton_path, want_grad)
     # Row stride padded to 64 elements: an unaligned stride (V=50257) makes kernel 1 spill 1 KB of
-    # registers on sm_90 (tests/test_cross_entropy_compile.py) and slows cuBLAS on the strided G.
+    # registers on sm_90 (tests/kernels/test_cross_entropy_compile.py) and slows cuBLAS on the strided G.
     buffer = hidden.new_empty(rows, triton.cdiv(V, 64) * 64)[:, :V] if triton_path and want_grad else None
     grad_h = torch.empty_like(hidden) if want[0] else None
     grad_w = torch.zeros_like(weight) if want[1] else None

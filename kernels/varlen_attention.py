@@ -20,9 +20,10 @@ per (key block, query head) accumulates dK, dV over the query blocks (with GQA i
 buffers that torch sums over each group, FA2's scheme: no atomics), and dQ is either added with fp32
 atomics from the same program (default, 5 matmuls per block pair) or, when deterministic, computed by a
 second kernel that walks the key blocks of each query block (7 matmuls, no atomics, bitwise reproducible).
-Looping over a KV group inside one program instead spilled 0.4-0.5 KiB of registers per thread (sm_90). Grids index blocks by (segment, block) with early exit past a segment's
-end, so the host never reads cu_seqlens: no synchronisation. Offsets inside a segment are int32, so
-max_seqlen * Hq * D must stay below 2**31.
+Looping over a KV group inside one program instead spilled 0.4-0.5 KiB of registers per thread (sm_90).
+Grids index blocks by (segment, block) with early exit past a segment's end, so the host never reads
+cu_seqlens: no synchronisation. Offsets inside a segment are int32, so max_seqlen * Hq * D must stay
+below 2**31.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class BlockConfig(NamedTuple):
     num_stages: int
 
 
-# Per padded head dim. Chosen by compiling candidates for sm_90 and sm_80 (tests/compile_check.py): fit
+# Per padded head dim. Chosen by compiling candidates for sm_90 and sm_80 (tests/helpers/compile_check.py): fit
 # sm_80's 163 KiB of shared memory, give every tl.dot M >= 64 (wgmma's minimum), no register spills for
 # D <= 128 (D = 256 spills in the backward: 0.2-1 KiB per thread). Not yet timed on a GPU.
 # Causal masking needs fwd/dq block_m % block_n == 0 and dkdv block_n % block_m == 0.

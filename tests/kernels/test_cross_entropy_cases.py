@@ -1,7 +1,7 @@
 """The cross-entropy op against a float64 oracle, on awkward shapes, every reduction, with and without bias.
 
 This module runs twice: in the normal suite (CPU tensors -> the chunked PyTorch path) and, through
-tests/test_cross_entropy_interpret.py, in a subprocess with TRITON_INTERPRET=1 (CPU tensors -> the
+tests/kernels/test_cross_entropy_interpret.py, in a subprocess with TRITON_INTERPRET=1 (CPU tensors -> the
 Triton kernels in the interpreter). fp32 and fp16 only: the interpreter computes bf16 wrongly.
 """
 

@@ -1,6 +1,6 @@
 """The Triton varlen attention kernels, run on CPU by Triton's interpreter.
 
-Not collected by the main suite (the file name does not start with test_): tests/test_varlen_attention.py
+Not collected by the main suite (the file name does not start with test_): tests/kernels/test_varlen_attention.py
 runs it in a subprocess with TRITON_INTERPRET=1, which must be set before triton is imported.
 Tolerances: fp32 against a float64 oracle to 2e-5; fp16 to 5e-3 (fp16 rounds P before P @ V, as on a GPU).
 
@@ -24,7 +24,7 @@ from mftcore.kernels.varlen_attention_reference import varlen_attention_referenc
 va = sys.modules["mftcore.kernels.varlen_attention"]
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("run with TRITON_INTERPRET=1 (tests/test_varlen_attention.py does)")
+    raise RuntimeError("run with TRITON_INTERPRET=1 (tests/kernels/test_varlen_attention.py does)")
 
 SMALL = {"FWD_CONFIGS": va.BlockConfig(32, 16, 4, 1), "DKDV_CONFIGS": va.BlockConfig(16, 32, 4, 1),
          "DQ_CONFIGS": va.BlockConfig(32, 16, 4, 1)}
