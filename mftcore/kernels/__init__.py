@@ -9,6 +9,7 @@ no __init__.py: from a checkout's root it is at most an empty namespace portion,
 
 from .cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy, masked_cross_entropy
 from .cross_entropy_reference import task_mean_scales
+
 # the function shadows its module here: reach the module as sys.modules["mftcore.kernels.varlen_attention"]
 from .varlen_attention import varlen_attention
 
