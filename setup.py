@@ -1,4 +1,5 @@
-"""Builds mftcore: the Python package, kernels/ as mftcore.kernels, and mftcore._packing via CMake."""
+"""Builds mftcore: the Python package (mftcore/kernels/ links to the op files in kernels/) and mftcore._packing
+via CMake."""
 
 import os
 import subprocess
@@ -42,7 +43,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels"],
-    package_dir={"mftcore.kernels": "kernels"},
     ext_modules=[CMakeExtension("mftcore._packing")],
     cmdclass={"build_ext": CMakeBuild},
     # Lower bounds admit the GPU image (torch 2.11, triton 3.6, transformers 5.17); constraints.txt

@@ -24,7 +24,7 @@ backward() multiplies the stored gradients by grad_output * c_max in place. The 
 buffer under 2*N*H*itemsize (CHUNK_BYTES_FLOOR at least). grad_W accumulates in the weight's dtype:
 with bf16 weights that is one bf16 rounding per chunk (Liger does the same); an fp32 accumulator would
 cost 4*V*H bytes, over the memory goal. CPU tensors run `chunk_logits_grad_torch` per chunk in the same
-Function unless the kernels were decorated under TRITON_INTERPRET=1, which runs the Triton code on CPU.
+Function, except fp32/fp16 under TRITON_INTERPRET=1, which run the Triton code on CPU (dispatch.py).
 """
 
 from __future__ import annotations
@@ -46,10 +46,13 @@ from .cross_entropy_reference import (
     masked_cross_entropy_reference,
     num_tasks_of,
     softmax_grad_torch,
+    task_mean_scales,
 )
+from .dispatch import ANY_DTYPE, interpreted, uses_triton
 
 __all__ = ["CrossEntropyOutput", "REDUCTIONS", "fused_linear_cross_entropy", "masked_cross_entropy",
-           "fused_linear_cross_entropy_reference", "masked_cross_entropy_reference", "token_scales"]
+           "fused_linear_cross_entropy_reference", "masked_cross_entropy_reference", "task_mean_scales",
+           "token_scales"]
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -130,7 +133,7 @@ class TileConfig:
     num_stages: int
 
 
-# The launcher picks one of these by device and dtype, nothing else; tests/test_cross_entropy_compile.py
+# The launcher picks one of these by device and dtype, nothing else; tests/kernels/test_cross_entropy_compile.py
 # compiles each for sm_90 and sm_80 and reports registers, spills and shared memory.
 LOGITS_CONFIGS = {
     # sm_90 (wgmma): 256x128 holds the fp32 tile in 253 registers without spills; 128x256 spills 24 bytes
@@ -160,15 +163,6 @@ def dot_precision(dtype: torch.dtype, interpret: bool) -> str:
     if dtype == torch.float32 and not interpret and tf32:
         return "tf32"
     return "ieee"
-
-
-def interpreted() -> bool:
-    """Whether the kernels were decorated with TRITON_INTERPRET=1 (it must be set before triton loads)."""
-    return type(_logits_lse_kernel).__name__ == "InterpretedFunction"
-
-
-def uses_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and interpreted())
 
 
 def chunk_rows(n: int, h: int, v: int, itemsize: int, triton_path: bool, want_grad: bool) -> int:
@@ -239,11 +233,7 @@ def token_scales(labels, task_ids, num_tasks: int, reduction: str, task_weights=
     elif reduction == "sum":
         scale = valid.float() if token_scale is None else torch.where(valid, token_scale.reshape(-1).float(), 0.0)
     else:
-        w = torch.ones_like(counts) if task_weights is None else torch.as_tensor(
-            task_weights, dtype=torch.float32, device=labels.device)
-        present_w = torch.where(counts > 0, w, 0.0)
-        per_task = present_w / (counts.clamp(min=1) * present_w.sum().clamp(min=1e-12))
-        scale = torch.where(valid, per_task[tasks], 0.0)
+        scale = torch.where(valid, task_mean_scales(counts, task_weights)[tasks], 0.0)
     return scale, tasks, valid, counts
 
 
@@ -263,7 +253,7 @@ def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path
             return run_chunks(hidden, weight, bias, labels, row_scale, want, triton_path)
     rows = chunk_rows(N, H, V, hidden.element_size(), triton_path, want_grad)
     # Row stride padded to 64 elements: an unaligned stride (V=50257) makes kernel 1 spill 1 KB of
-    # registers on sm_90 (tests/test_cross_entropy_compile.py) and slows cuBLAS on the strided G.
+    # registers on sm_90 (tests/kernels/test_cross_entropy_compile.py) and slows cuBLAS on the strided G.
     buffer = hidden.new_empty(rows, triton.cdiv(V, 64) * 64)[:, :V] if triton_path and want_grad else None
     grad_h = torch.empty_like(hidden) if want[0] else None
     grad_w = torch.zeros_like(weight) if want[1] else None
@@ -335,7 +325,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         logits, labels, lse, scale = ctx.saved_tensors
         row_scale = scale * grad_loss.float()
         grad = torch.empty_like(logits)
-        if uses_triton(logits):
+        if uses_triton(logits, cuda_dtypes=ANY_DTYPE):
             softmax_grad(logits, lse, row_scale, labels, out=grad)
         else:
             rows = max(1, CHUNK_BYTES_FLOOR // (8 * logits.shape[1]))
@@ -371,7 +361,7 @@ def fused_linear_cross_entropy(
     bias = None if bias is None else bias.to(hidden.dtype).contiguous()
     scale, tasks, valid, counts = token_scales(labels, task_ids, K, reduction, task_weights, token_scale,
                                                ignore_index)
-    triton_path = uses_triton(hidden)
+    triton_path = uses_triton(hidden, cuda_dtypes=ANY_DTYPE)  # fp32 has its own tiles (LOGITS_CONFIGS)
     if hidden.shape[0] == 0:  # an empty micro-batch (e.g. a rank without loss tokens): zero, but connected
         return CrossEntropyOutput(hidden.sum().float() * 0, torch.zeros_like(counts), counts)
     grad_wanted = torch.is_grad_enabled() and any(

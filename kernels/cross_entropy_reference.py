@@ -40,6 +40,16 @@ def num_tasks_of(task_ids, num_tasks, task_weights) -> int:
     return int(task_ids.max().clamp(min=0)) + 1
 
 
+def task_mean_scales(counts: torch.Tensor, weights: Union[None, Sequence[float], torch.Tensor] = None) -> torch.Tensor:
+    """case3's per-task token scale w_t / (n_t * sum_{t present} w_t), 0 for a task with no tokens, in
+    counts' dtype and device: sum_i scale[task_i] * ce_i = sum_t w_t * mean_t / sum_{t present} w_t. The one
+    copy of the formula (the op, its oracle, and the trainer's step-wide scales use it)."""
+    w = torch.ones_like(counts) if weights is None else torch.as_tensor(weights, dtype=counts.dtype,
+                                                                         device=counts.device)
+    present_w = torch.where(counts > 0, w, 0.0)
+    return present_w / (counts.clamp(min=1) * present_w.sum().clamp(min=1e-12))
+
+
 def masked_cross_entropy_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -65,10 +75,7 @@ def masked_cross_entropy_reference(
     elif reduction == "sum":
         loss = ce.sum() if token_scale is None else (ce * token_scale.to(acc)).sum()
     else:
-        w = torch.ones(K, dtype=acc, device=logits.device) if task_weights is None else torch.as_tensor(
-            task_weights, dtype=acc, device=logits.device)
-        present_w = torch.where(count > 0, w, 0.0)
-        loss = (present_w * task_sum / count.clamp(min=1)).sum() / present_w.sum().clamp(min=1e-12)
+        loss = (task_mean_scales(count.to(acc), task_weights) * task_sum).sum()
     return CrossEntropyOutput(loss, task_sum.detach(), count)
 
 

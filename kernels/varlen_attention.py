@@ -9,9 +9,10 @@ only to tokens of its own segment (causal: to those not after it). q and k share
 causal alignment is unambiguous. Outputs of padding segments are computed like any other and ignored.
 
 Layout (Liger's): Triton kernels, their launchers, one autograd.Function, the public function; the
-PyTorch reference (per-segment SDPA) beside it is the CPU path and the test oracle. Dispatch: CUDA
-fp16/bf16 -> Triton; everything else -> reference, except that with TRITON_INTERPRET=1 CPU fp32/fp16
-run the Triton code (bf16 is computed wrongly by the interpreter, so it stays on the reference).
+PyTorch reference (per-segment SDPA, varlen_attention_reference.py) is the CPU path and the test oracle.
+Dispatch: CUDA fp16/bf16 -> Triton; everything else -> reference, except that with TRITON_INTERPRET=1
+CPU fp32/fp16 run the Triton code (bf16 is computed wrongly by the interpreter, so it stays on the
+reference).
 
 Kernels (FA2's algorithm, log2 domain): the forward keeps a running max and sum per query row and saves
 lse = log2(sum exp2) per (head, token) for the backward. The backward recomputes P from lse; one program
@@ -19,22 +20,23 @@ per (key block, query head) accumulates dK, dV over the query blocks (with GQA i
 buffers that torch sums over each group, FA2's scheme: no atomics), and dQ is either added with fp32
 atomics from the same program (default, 5 matmuls per block pair) or, when deterministic, computed by a
 second kernel that walks the key blocks of each query block (7 matmuls, no atomics, bitwise reproducible).
-Looping over a KV group inside one program instead spilled 0.4-0.5 KiB of registers per thread (sm_90). Grids index blocks by (segment, block) with early exit past a segment's
-end, so the host never reads cu_seqlens: no synchronisation. Offsets inside a segment are int32, so
-max_seqlen * Hq * D must stay below 2**31.
+Looping over a KV group inside one program instead spilled 0.4-0.5 KiB of registers per thread (sm_90).
+Grids index blocks by (segment, block) with early exit past a segment's end, so the host never reads
+cu_seqlens: no synchronisation. Offsets inside a segment are int32, so max_seqlen * Hq * D must stay
+below 2**31.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton.jit reads it at import, so do we
+from .dispatch import TENSOR_CORE_DTYPES, uses_triton
+from .varlen_attention_reference import check_segments, varlen_attention_reference
+
 MAX_HEAD_DIM = 256
 
 
@@ -45,7 +47,7 @@ class BlockConfig(NamedTuple):
     num_stages: int
 
 
-# Per padded head dim. Chosen by compiling candidates for sm_90 and sm_80 (tests/compile_check.py): fit
+# Per padded head dim. Chosen by compiling candidates for sm_90 and sm_80 (tests/helpers/compile_check.py): fit
 # sm_80's 163 KiB of shared memory, give every tl.dot M >= 64 (wgmma's minimum), no register spills for
 # D <= 128 (D = 256 spills in the backward: 0.2-1 KiB per thread). Not yet timed on a GPU.
 # Causal masking needs fwd/dq block_m % block_n == 0 and dkdv block_n % block_m == 0.
@@ -375,40 +377,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-# ------------------------------------------------------------------------------- reference, public
-
-def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen=None, *, causal=True, softmax_scale=None):
-    """The oracle and the CPU path: SDPA on each segment alone (reads cu_seqlens on the host)."""
-    bounds = check_segments(cu_seqlens, q.shape[0], max_seqlen)
-    group = q.shape[1] // k.shape[1]
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if a == b:
-            continue
-        qi, ki, vi = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        if group > 1:
-            ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
-        outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=softmax_scale).transpose(0, 1))
-    return torch.cat(outs) if outs else q.new_empty(q.shape)
-
-
-def check_segments(cu_seqlens, total_tokens: int, max_seqlen: Optional[int]) -> list:
-    """cu_seqlens as a list after checking it rises from 0 to T with no segment over max_seqlen (syncs)."""
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != total_tokens or min(lengths) < 0:
-        raise ValueError(f"cu_seqlens must rise from 0 to T={total_tokens}, got {bounds}")
-    if max_seqlen is not None and max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is shorter than a segment of {max(lengths)} tokens")
-    return bounds
-
-
-def uses_triton(q: torch.Tensor) -> bool:
-    """Whether varlen_attention runs the Triton kernels for these inputs (see the module docstring)."""
-    if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16)
-    return INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16)
-
+# ------------------------------------------------------------------------------------------ public
 
 def check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     """Shape checks that need no synchronisation."""
@@ -434,7 +403,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     torch.are_deterministic_algorithms_enabled(); it only changes how the Triton backward sums dQ."""
     check_inputs(q, k, v, cu_seqlens, max_seqlen)
     scale = q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not uses_triton(q):
+    if not uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES):  # no fp32 tiles: fp32 on CUDA takes the reference
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
     if not q.is_cuda:  # the interpreter does not bounds-check: validate here, where a host read costs nothing
         check_segments(cu_seqlens, q.shape[0], max_seqlen)

@@ -25,7 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mftcore.errors import ConfigError
-from mftcore.kernels.varlen_attention import uses_triton, varlen_attention
+from mftcore.kernels import varlen_attention
+from mftcore.kernels.dispatch import uses_triton
 
 ATTN_IMPLEMENTATION = "mftcore_varlen"
 

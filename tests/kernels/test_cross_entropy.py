@@ -9,7 +9,7 @@ import torch
 import triton
 
 from mftcore.data.batch import IGNORE_INDEX
-from mftcore.kernels import fused_linear_cross_entropy, masked_cross_entropy
+from mftcore.kernels import fused_linear_cross_entropy, masked_cross_entropy, task_mean_scales
 from mftcore.kernels.cross_entropy import chunk_rows
 from mftcore.loss import task_scales, token_scale
 
@@ -34,6 +34,17 @@ def test_hand_computed_task_mean():
     assert weighted.loss.item() == pytest.approx((3 * l0 + (l1 + l2) / 2) / 4, rel=1e-6)
     tm = fused_linear_cross_entropy(hidden, weight, labels, tasks, num_tasks=3, reduction="token_mean")
     assert tm.loss.item() == pytest.approx((l0 + l1 + l2) / 3, rel=1e-6)
+
+
+def test_task_mean_scales_by_hand():
+    counts = torch.tensor([1.0, 2.0, 0.0])
+    assert task_mean_scales(counts).tolist() == [0.5, 0.25, 0.0]  # (1/1 + 2 * 1/2) / 2 tasks present
+    # w = 3, 1, 5; the absent task's 5 is not in the denominator: 3/(1*4), 1/(2*4)
+    assert task_mean_scales(counts, [3.0, 1.0, 5.0]).tolist() == [0.75, 0.125, 0.0]
+    weights = torch.tensor([3.0, 1.0, 5.0], dtype=torch.float64)
+    got = task_mean_scales(counts, weights)
+    assert got.dtype == torch.float32 and got.tolist() == [0.75, 0.125, 0.0]  # counts' dtype
+    assert task_mean_scales(torch.zeros(2, dtype=torch.float64)).tolist() == [0.0, 0.0]  # no tokens: 0, not nan
 
 
 def test_all_ignored_gives_zero_loss_and_zero_grad():

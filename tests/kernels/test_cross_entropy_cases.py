@@ -1,7 +1,7 @@
 """The cross-entropy op against a float64 oracle, on awkward shapes, every reduction, with and without bias.
 
 This module runs twice: in the normal suite (CPU tensors -> the chunked PyTorch path) and, through
-tests/test_cross_entropy_interpret.py, in a subprocess with TRITON_INTERPRET=1 (CPU tensors -> the
+tests/kernels/test_cross_entropy_interpret.py, in a subprocess with TRITON_INTERPRET=1 (CPU tensors -> the
 Triton kernels in the interpreter). fp32 and fp16 only: the interpreter computes bf16 wrongly.
 """
 
@@ -17,6 +17,7 @@ from mftcore.kernels.cross_entropy import (
     masked_cross_entropy,
     masked_cross_entropy_reference,
 )
+from mftcore.kernels.dispatch import ANY_DTYPE, interpreted, uses_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.float16]
@@ -75,8 +76,19 @@ def run_both(hidden, weight, bias, labels, tasks, K, **kw):
 
 
 def test_dispatch_follows_the_interpreter_switch():
-    assert ce.interpreted() == INTERPRET
-    assert ce.uses_triton(torch.zeros(1)) == INTERPRET
+    assert interpreted() == INTERPRET == (type(ce._logits_lse_kernel).__name__ == "InterpretedFunction")
+    assert uses_triton(torch.zeros(1), cuda_dtypes=ANY_DTYPE) == INTERPRET
+    assert not uses_triton(torch.zeros(1, dtype=torch.bfloat16), cuda_dtypes=ANY_DTYPE)  # wrong in the interpreter
+
+
+def test_bf16_takes_the_pytorch_path_and_matches_the_oracle():
+    """In the interpreter too: it would compute bf16 wrongly, so dispatch keeps bf16 on the PyTorch path."""
+    hidden, weight, b, labels, tasks = make_case(37, 20, 70, 3, torch.bfloat16, bias=True)
+    out, ref, ours, refs = run_both(hidden, weight, b, labels, tasks, 3, task_weights=[1.0, 2.0, 0.5])
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
+    close(out.task_loss_sum, ref.task_loss_sum, 2e-2)
+    for got, want in zip(ours, refs):
+        close(got.grad, want.grad, 3e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,4 +1,4 @@
-"""Run tests/test_cross_entropy_cases.py again with TRITON_INTERPRET=1: the Triton kernels on CPU tensors.
+"""Run tests/kernels/test_cross_entropy_cases.py again with TRITON_INTERPRET=1: the Triton kernels on CPU tensors.
 
 TRITON_INTERPRET is read when a kernel is decorated, so it needs a fresh interpreter: a subprocess keeps
 it out of the rest of the suite, which goes on using the PyTorch path.

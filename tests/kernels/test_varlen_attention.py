@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mftcore.kernels import varlen_attention
+from mftcore.kernels.dispatch import TENSOR_CORE_DTYPES, uses_triton
 
 va = sys.modules["mftcore.kernels.varlen_attention"]  # the module; the package exports its function
 from tests.helpers.paths import ROOT
@@ -48,7 +49,8 @@ def test_reference_matches_block_diagonal_attention(causal):
 
 def test_cpu_dispatch_is_the_reference_and_scale_applies():
     q = torch.randn(10, 2, 8)
-    assert not va.uses_triton(q) and not va.uses_triton(q.half())  # no TRITON_INTERPRET in this process
+    assert not uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES)  # no TRITON_INTERPRET in this process
+    assert not uses_triton(q.half(), cuda_dtypes=TENSOR_CORE_DTYPES)
     cu = cu_of([4, 6])
     scaled = varlen_attention(q, q, q, cu, 6, softmax_scale=0.3)
     torch.testing.assert_close(scaled, varlen_attention(q * 0.3 / 8 ** -0.5, q, q, cu, 6))
@@ -72,7 +74,7 @@ def test_bad_inputs_are_named(args, message):
 
 
 def test_triton_kernels_in_the_interpreter():
-    """tests/interpret/varlen_attention_cases.py under TRITON_INTERPRET=1, which must precede importing
+    """tests/kernels/varlen_attention_cases.py under TRITON_INTERPRET=1, which must precede importing
     triton, hence its own process; the suite's other tests keep the compiled (or reference) paths."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -89,7 +91,7 @@ def test_every_launch_compiles_for_sm90_and_sm80_with_wgmma_on_hopper():
     """Every kernel x configuration the launchers pick (head dims 64/128/256 and 80, fp16/bf16, MHA/GQA,
     causal or not, deterministic or not; captured from the launchers themselves) compiles for H100 and
     A100; on sm_90 every tl.dot is a wgmma (HGMMA in SASS, no HMMA), on sm_80 an mma.sync (HMMA); shared
-    memory fits each. Registers and spills: python tests/compile_check.py (copy in bench/results/)."""
+    memory fits each. Registers and spills: python tests/helpers/compile_check.py (copy in bench/results/)."""
     launches = compile_check.varlen_attention_launches()
     kernels = {launch.spec.kernel.fn.__name__ for launch in launches}
     assert kernels == {"_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}

@@ -1,6 +1,6 @@
 """The Triton varlen attention kernels, run on CPU by Triton's interpreter.
 
-Not collected by the main suite (the file name does not start with test_): tests/test_varlen_attention.py
+Not collected by the main suite (the file name does not start with test_): tests/kernels/test_varlen_attention.py
 runs it in a subprocess with TRITON_INTERPRET=1, which must be set before triton is imported.
 Tolerances: fp32 against a float64 oracle to 2e-5; fp16 to 5e-3 (fp16 rounds P before P @ V, as on a GPU).
 
@@ -18,11 +18,13 @@ import torch
 
 from mftcore.data.batch import Batch
 from mftcore.kernels import varlen_attention  # noqa: F401 - imports the module below
+from mftcore.kernels.dispatch import TENSOR_CORE_DTYPES, uses_triton
+from mftcore.kernels.varlen_attention_reference import varlen_attention_reference
 
 va = sys.modules["mftcore.kernels.varlen_attention"]
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("run with TRITON_INTERPRET=1 (tests/test_varlen_attention.py does)")
+    raise RuntimeError("run with TRITON_INTERPRET=1 (tests/kernels/test_varlen_attention.py does)")
 
 SMALL = {"FWD_CONFIGS": va.BlockConfig(32, 16, 4, 1), "DKDV_CONFIGS": va.BlockConfig(16, 32, 4, 1),
          "DQ_CONFIGS": va.BlockConfig(32, 16, 4, 1)}
@@ -50,7 +52,7 @@ def make_inputs(lengths, hq, hkv, d, dtype, seed=0):
 def run(q, k, v, cu, max_seqlen, do, **kwargs):
     """Output and (dq, dk, dv) of the Triton path."""
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    assert va.uses_triton(q)
+    assert uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES)
     o = va.varlen_attention(q, k, v, cu, max_seqlen, **kwargs)
     return (o, *torch.autograd.grad(o, (q, k, v), do))
 
@@ -58,7 +60,7 @@ def run(q, k, v, cu, max_seqlen, do, **kwargs):
 def oracle(q, k, v, cu, do, causal):
     """The reference in float64: per-document SDPA."""
     q, k, v = (x.double().requires_grad_() for x in (q, k, v))
-    o = va.varlen_attention_reference(q, k, v, cu, causal=causal)
+    o = varlen_attention_reference(q, k, v, cu, causal=causal)
     return (o, *torch.autograd.grad(o, (q, k, v), do.double()))
 
 
