@@ -50,6 +50,17 @@ def task_mean_scales(counts: torch.Tensor, weights: Union[None, Sequence[float],
     return present_w / (counts.clamp(min=1) * present_w.sum().clamp(min=1e-12))
 
 
+def task_mean(task_loss_sum: torch.Tensor, counts: torch.Tensor,
+              weights: Union[None, Sequence[float], torch.Tensor] = None) -> torch.Tensor:
+    """case3's value from per-task sums and counts, sum_{t present} w_t * mean_t / sum_{t present} w_t:
+    the validation loss. The same formula as task_mean_scales, evaluated as a mean of task means (the
+    order of operations the validation loss has always been logged with, so its values stay bitwise)."""
+    w = torch.ones_like(counts) if weights is None else torch.as_tensor(weights, dtype=counts.dtype,
+                                                                         device=counts.device)
+    present_w = torch.where(counts > 0, w, 0.0)
+    return (present_w * (task_loss_sum / counts.clamp(min=1))).sum() / present_w.sum().clamp(min=1e-12)
+
+
 def masked_cross_entropy_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mftcore.data.batch import collate_padded, empty_batch
-from mftcore.loss import task_mean  # MERGE: from mftcore.kernels
+from mftcore.kernels import task_mean
 from mftcore.model.loss_model import as_loss_model
 from mftcore.parallel.comm import sum_over_ranks
 

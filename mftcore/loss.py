@@ -29,19 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mftcore.data.batch import IGNORE_INDEX
-from mftcore.kernels import CrossEntropyOutput, fused_linear_cross_entropy
-
-
-def task_mean_scales(counts, weights=None):  # MERGE: becomes mftcore.kernels.task_mean_scales (kernels branch)
-    w = torch.ones_like(counts) if weights is None else torch.as_tensor(weights).to(counts)
-    present_w = torch.where(counts > 0, w, 0.0)
-    return present_w / (counts.clamp(min=1) * present_w.sum().clamp(min=1e-12))
-
-
-def task_mean(task_loss_sum, counts, weights=None):  # MERGE: to mftcore.kernels, beside task_mean_scales
-    w = torch.ones_like(counts) if weights is None else torch.as_tensor(weights).to(counts)
-    present = torch.where(counts > 0, w, 0.0)
-    return (present * (task_loss_sum / counts.clamp(min=1))).sum() / present.sum().clamp(min=1e-12)
+from mftcore.kernels import CrossEntropyOutput, fused_linear_cross_entropy, task_mean_scales
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ no __init__.py: from a checkout's root it is at most an empty namespace portion,
 """
 
 from .cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy, masked_cross_entropy
-from .cross_entropy_reference import task_mean_scales
+from .cross_entropy_reference import task_mean, task_mean_scales
 
 # the function shadows its module here: reach the module as sys.modules["mftcore.kernels.varlen_attention"]
 from .varlen_attention import varlen_attention
 
-__all__ = ["CrossEntropyOutput", "fused_linear_cross_entropy", "masked_cross_entropy", "task_mean_scales",
-           "varlen_attention"]
+__all__ = ["CrossEntropyOutput", "fused_linear_cross_entropy", "masked_cross_entropy", "task_mean",
+           "task_mean_scales", "varlen_attention"]
