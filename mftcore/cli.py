@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from mftcore.errors import ConfigError, MftcoreError
 from mftcore import mftcoder
+from mftcore.errors import ConfigError, MftcoreError
 
 
 def add_train_parser(sub) -> None:

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import uuid
 
 from mftcore.errors import ConfigError
@@ -21,6 +22,7 @@ CONFIG_FILE = "mftcore_config.json"  # the training config, saved in checkpoints
 STATE_FILE = "trainer_state.json"  # a checkpoint's step, engine and loop state
 METRICS_FILE = "metrics.jsonl"  # one JSON object per logged step
 TEMP_PREFIXES = (".tmp-", ".old-", ".del-")  # in-flight writes, replacements and deletes
+OWNER_FILE = "owner"  # in an owned temporary directory: "host pid" of its writer
 
 
 def temp_sibling(path: str, prefix: str = ".tmp-") -> str:
@@ -30,16 +32,34 @@ def temp_sibling(path: str, prefix: str = ".tmp-") -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed."""
+def atomic_dir(path: str, *, replace: bool = True, owned: bool = False):
+    """Yield a temporary sibling directory; on success it becomes `path`, on error it is removed.
+
+    replace=False: the first writer wins: when `path` appeared meanwhile (another process finished the
+    same content first), ours is dropped, and a reader of the existing one is never disturbed.
+    owned=True: the temporary directory names its writer (host and pid) until it is renamed, so that
+    `remove_abandoned` can tell a killed writer's from a live one's in a directory that runs share."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = temp_sibling(path)
     os.makedirs(tmp)
     try:
+        if owned:
+            with open(os.path.join(tmp, OWNER_FILE), "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp
+        if owned:
+            os.remove(os.path.join(tmp, OWNER_FILE))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not replace:
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(path):
+                raise
+        return
     old = None
     if os.path.exists(path):
         old = temp_sibling(path, ".old-")
@@ -47,6 +67,30 @@ def atomic_dir(path: str):
     os.replace(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_abandoned(directory: str) -> None:
+    """Owned temporary directories whose writer died (SIGKILL, power loss) on this host; a live writer's,
+    or another host's on a shared file system, are left alone."""
+    host = socket.gethostname()
+    for tmp in glob.glob(os.path.join(directory, ".tmp-*")):
+        try:
+            with open(os.path.join(tmp, OWNER_FILE)) as f:
+                owner_host, pid = f.read().split()
+        except (OSError, ValueError):
+            continue  # just created, not owned, or not a directory: leave it
+        if owner_host == host and not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from mftcore import checkpoint, parallel
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, load_tasks, report_lines
-from mftcore.data.loader import Prefetcher, Step
+from mftcore.data.loader import Prefetcher
 from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
 from mftcore.io import remove_leftovers
@@ -60,9 +60,8 @@ def train_loop(run: "Run") -> str:
     with StopRequest() as stop, Prefetcher(run.loader.steps(), run.env.device) as steps:
         while state.step < run.total_steps and not state.early_stopped:
             batch = next(steps)  # fetch
-            weights = run.task_weights()
             lr = run.scheduler.get_last_lr()[0]
-            res = train_step(run.engine, batch.batches, run.scheduler, cfg, len(run.names), weights,  # step
+            res = train_step(run.engine, batch.batches, run.scheduler, cfg, len(run.names), run.weights,  # step
                              autocast=run.autocast, moe=run.moe)
             state.step, run.position = state.step + 1, batch.position
             step = state.step
@@ -166,7 +165,7 @@ class Run:
     sampler: Optional[ValidationSampler]  # validation batches for the dynamic weighting
     evaluate_valid: Callable  # () -> EvalResult over the whole validation set
     metrics: Metrics
-    static_weights: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]  # [K] task weights on the device (static, or the dynamic ones of now)
     flop_params: tuple
     attn: tuple
     peak: Optional[float]
@@ -175,10 +174,9 @@ class Run:
     position: dict = field(default_factory=dict)  # the loader position after the last step run
     diverged: bool = False  # more than max_consecutive_nonfinite skipped updates in a row
 
-    def task_weights(self) -> Optional[torch.Tensor]:
-        if self.weighting is None:
-            return self.static_weights
-        return torch.tensor(self.weighting.weights(), device=self.env.device)
+    def upload_weights(self) -> None:
+        """The dynamic weights to the device, once per change (a host-to-device copy waits for the GPU)."""
+        self.weights = torch.tensor(self.weighting.weights(), device=self.env.device)
 
 
 def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
@@ -224,10 +222,12 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
                                        world_size=env.world_size)
     run = Run(cfg, env, data.names, tokenizer, data, engine, scheduler, loader, total_steps, autocast, moe,
               weighting, sampler, evaluate_valid, metrics=None,
-              static_weights=None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device),
+              weights=None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device),
               flop_params=flop_params, attn=attn, peak=peak_flops(device, dtype, cfg.peak_tflops), pad_id=pad_id,
               position=loader.state_dict())
     saved = resume(run, resume_from) if resume_from else None
+    if weighting is not None:
+        run.upload_weights()
 
     run.metrics = Metrics(cfg.output_dir, cfg.tb_dir, total_steps, initial_step=run.state.step,
                           enabled=env.rank == 0)
@@ -323,6 +323,7 @@ def update_weights(run: Run, step: int) -> None:
                                 run.env.device, run.autocast, pad_id=run.pad_id, rank=run.env.rank,
                                 world_size=run.env.world_size)
     w.observe(step, measured.task_losses())
+    run.upload_weights()
 
 
 def log_evaluation(run: Run, step: int, result) -> bool:

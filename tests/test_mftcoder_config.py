@@ -7,14 +7,14 @@ import json
 import os
 
 import pytest
-from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER, save_tiny_llama
 
-from tests.helpers.paths import DATA, ROOT
-from mftcore.cli import build_parser, main, train_config_and_overrides
 from mftcore import mftcoder
+from mftcore.cli import build_parser, main, train_config_and_overrides
 from mftcore.config import TrainConfig
 from mftcore.errors import ConfigError
 from mftcore.model.load import resolve_attn_implementation
+from tests.helpers.paths import DATA, ROOT
+from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER, save_tiny_llama
 
 # Every field of MFTCoder's MftTrainArgs (mftcoder_accelerate/src/pefts/mft_arguments.py, 8ba13f4) with
 # its default; the five without one get tiny-run values here.

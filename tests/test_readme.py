@@ -6,11 +6,11 @@ import re
 import shlex
 
 import torch
-from tests.helpers.tiny_models import save_tiny_llama
 
-from tests.helpers.paths import ROOT
 from mftcore.cli import main
 from mftcore.model.families import FAMILIES
+from tests.helpers.paths import ROOT
+from tests.helpers.tiny_models import save_tiny_llama
 
 with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
     README = f.read()
@@ -75,3 +75,21 @@ def test_readme_family_table_is_the_code_table():
         family = FAMILIES[name]
         assert (hf_types, eos, targets, layer) == (", ".join(family.hf_model_types), family.eos_token,
                                                     ", ".join(family.lora_targets), family.decoder_layer)
+
+
+def test_where_things_are_names_files_that_exist():
+    """Every path the README's map names (first column, and the files each row lists) exists."""
+    section = README.split("### Where things are", 1)[1].split("\nTo add", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 10
+    missing = []
+    for where, what in rows:
+        paths = re.findall(r"`([^`]+)`", where)
+        folder = paths[0] if paths[0].endswith("/") else os.path.dirname(paths[0]) + "/"
+        for path in paths:  # a full path, or one relative to the row's first path's folder
+            if not any(os.path.exists(os.path.join(ROOT, p)) for p in (path, folder + path)):
+                missing.append(path)
+        for name in re.findall(r"`([\w/]+\.py)`", what):
+            if not any(os.path.exists(os.path.join(ROOT, p)) for p in (name, folder + name)):
+                missing.append(folder + name)
+    assert missing == []

@@ -8,8 +8,16 @@ resumable, prefetched). The names below are the package's public API.
 """
 
 from mftcore.data.batch import IGNORE_INDEX, Batch, collate_packed, collate_padded, shift_labels
-from mftcore.data.dataset import (Sample, SampleView, TaskData, epoch_order, load_tasks, micro_batches,
-                                  report_lines, show_samples)
+from mftcore.data.dataset import (
+                                  Sample,
+                                  SampleView,
+                                  TaskData,
+                                  epoch_order,
+                                  load_tasks,
+                                  micro_batches,
+                                  report_lines,
+                                  show_samples,
+)
 from mftcore.data.loader import StepLoader
 from mftcore.data.render import Segment, render_prompt, render_record, tokenize_segments
 

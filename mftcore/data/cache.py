@@ -23,10 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
-import socket
 import sys
-import tempfile
 import time
 from collections import deque
 
@@ -35,10 +32,10 @@ from tqdm.auto import tqdm
 
 from mftcore.data.encode import EncodeSpec, encode_job, encode_lines, init_worker, read_chunks
 from mftcore.errors import DataError
+from mftcore.io import atomic_dir, atomic_write_json, remove_abandoned
 
 FORMAT = 1  # bump when rendering or the layout changes: every old entry is then ignored
 MAX_SKIP_EXAMPLES = 3
-OWNER_FILE = "owner"  # in a temporary entry: "host pid" of its builder
 
 
 def task_names(paths: list) -> list:
@@ -163,14 +160,10 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
     tasks = [{"name": n, "path": p, "samples": 0, "truncated": 0, "dropped": 0, "skipped": 0, "skip_examples": []}
              for n, p in zip(task_names(cfg.data_paths), cfg.data_paths)]
     jobs = ((lines, first, (fi, size)) for fi, (_, f) in enumerate(files) for lines, first, size in read_chunks(f))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    remove_abandoned(parent)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
-        with open(os.path.join(tmp, OWNER_FILE), "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    remove_abandoned(os.path.dirname(path))
+    # Several runs may build the same entry at once: the first to finish wins, the others' are dropped.
+    with atomic_dir(path, replace=False, owned=True) as tmp:
         lengths, task_ids, sources = [], [], []
         # On a terminal only (tqdm's disable=None), so that logs and error output stay one line each.
         bar = tqdm(total=sum(os.path.getsize(f) for _, f in files), unit="B", unit_scale=True, desc="tokenize",
@@ -202,45 +195,7 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
         write_index(tmp, np.concatenate(lengths), np.concatenate(task_ids), np.concatenate(sources))
         meta = {"format": FORMAT, "key": key, "files": [f for _, f in files], "tasks": tasks,
                 "num_samples": int(sum(t["samples"] for t in tasks))}
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        os.remove(os.path.join(tmp, OWNER_FILE))
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "meta.json")):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same entry first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_abandoned(cache_dir: str) -> None:
-    """Temporary entries whose builder died (SIGKILL, power loss) on this host; a live builder's, or
-    another host's on a shared file system, are left alone."""
-    host = socket.gethostname()
-    for name in os.listdir(cache_dir):
-        if not name.startswith(".tmp-"):
-            continue
-        tmp = os.path.join(cache_dir, name)
-        try:
-            with open(os.path.join(tmp, OWNER_FILE)) as f:
-                owner_host, pid = f.read().split()
-        except (OSError, ValueError):
-            continue  # just created, or not ours: leave it
-        if owner_host == host and not process_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
+        atomic_write_json(os.path.join(tmp, "meta.json"), meta)
 
 
 def write_index(directory: str, lengths: np.ndarray, task_ids: np.ndarray, sources: np.ndarray) -> None:

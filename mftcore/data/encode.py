@@ -16,6 +16,7 @@ import numpy as np
 
 from mftcore.data.render import RenderError, encode_texts, join_pieces, render_record
 
+
 @dataclass(frozen=True)
 class EncodeSpec:
     """Everything the token ids depend on besides the data and the tokenizer (part of the cache key)."""

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-from tests.helpers.tiny_models import save_tiny_llama
 
 from mftcore.cli import main
-from mftcore.data.render import render_record, tokenize_segments
 from mftcore.commands.generate import Sampling, generate_records, load_generator, prompt_ids
+from mftcore.data.render import render_record, tokenize_segments
+from tests.helpers.tiny_models import save_tiny_llama
 
 MARKERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 PROMPTS = [

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-from tests.helpers.tiny_models import build_tiny, save_tiny_llama
 
 from mftcore.cli import main
 from mftcore.data.render import render_prompt, render_record
 from mftcore.model.families import lora_target_modules
+from tests.helpers.tiny_models import build_tiny, save_tiny_llama
 
 MARKERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 IDS = torch.tensor([[5, 17, 300, 42, 9, 77, 123, 8]])
@@ -156,10 +156,10 @@ def test_merge_errors_are_one_line_and_leave_nothing(base, tmp_path, capsys, tok
     {"system": "{% raw %}S'\"}}:\n", "user": "### Q 😀\n", "assistant": "{{ A }}\n"},  # cannot escape the literal
 ])
 def test_chat_template_renders_every_training_string(markers):
-    from tests.helpers.tiny_models import TOKENIZER
     from transformers import AutoTokenizer
 
     from mftcore.model.chat_template import build_chat_template
+    from tests.helpers.tiny_models import TOKENIZER
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)  # not the session fixture: this test sets its template
     tokenizer.chat_template = build_chat_template(markers)

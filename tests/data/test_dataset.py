@@ -8,11 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-from tests.helpers.paths import DATA, TOKENIZER
 from mftcore.config import TrainConfig
-from mftcore.data import load_tasks, report_lines
-from mftcore.data.cache import SampleStore, prepare_cache
+from mftcore.data import epoch_order, load_tasks, micro_batches, report_lines
+from mftcore.data.cache import SampleStore, prepare_cache, task_names
+from mftcore.data.dataset import split_counts
 from mftcore.errors import ConfigError, DataError
+from tests.helpers.paths import DATA, TOKENIZER
 
 
 def write(path, lines):
@@ -319,3 +320,63 @@ def test_data_keys_are_validated(tmp_path, update, key):
     with pytest.raises(ConfigError, match=f"config: {key}: "):
         make_cfg(tmp_path, ["x"], **update)
     assert make_cfg(tmp_path, ["x"], padding_mode="pack").padding_mode == "pack"
+
+
+def test_task_names_are_unique():
+    assert task_names(["a/code", "b/code/", "c/sql", "d/code"]) == ["code", "code_2", "sql", "code_3"]
+
+
+def test_split_counts_use_fractions_of_the_sum():
+    assert split_counts(100, 0.98, 0.02) == (98, 2)
+    assert split_counts(10, 0.9, 0.1) == (9, 1)
+    assert split_counts(3, 0.98, 0.02) == (3, 0)
+
+
+def test_epoch_order_reshuffles_and_covers_everything():
+    a, b = epoch_order(50, 1, 0), epoch_order(50, 1, 1)
+    assert sorted(a.tolist()) == list(range(50)) and a.tolist() != b.tolist()
+    batches = micro_batches(a, 8)
+    assert [len(x) for x in batches] == [8] * 6 + [2]
+    assert sorted(sum(batches, [])) == list(range(50))
+
+
+def config_for(tmp_path, paths):
+    return TrainConfig.from_dict({"data_paths": [str(p) for p in paths], "tokenizer_path": "x",
+                                  "model_config": {"model_type": "llama"}, "seq_length": 16,
+                                  "output_dir": str(tmp_path / "out"), "tokenize_workers": 1})
+
+
+def good(q="q", a="a"):
+    return json.dumps({"chat_rounds": [{"role": "human", "content": q}, {"role": "bot", "content": a}]})
+
+
+def test_load_tasks_truncates_and_reports(tmp_path, tokenizer):
+    write(tmp_path / "t1" / "x.jsonl", [good(), good(a="word " * 40)])
+    write(tmp_path / "t2" / "sub" / "y.jsonl", [good()])
+    data = load_tasks(config_for(tmp_path, [tmp_path / "t1", tmp_path / "t2"]), tokenizer, tokenizer.eos_token_id)
+    assert data.names == ["t1", "t2"]
+    assert data.report["t1"]["truncated"] == 1 and data.report["t1"]["samples"] == 2
+    assert all(len(s.input_ids) <= 16 for s in list(data.train) + list(data.valid))
+    assert {s.task_id for s in data.train} == {0, 1}
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"chat_rounds": [}\n', r"x\.jsonl:2: invalid JSON"),
+    (b'{"text_only": 1}\n', r"x\.jsonl:2: record has no known shape"),
+    (b'{"chat_rounds": [{"role": "bot", "content": "a"}]}\n', r"x\.jsonl:2: chat_rounds\[0\] has role 'bot'"),
+    (b'\xff\xfe\n', r"x\.jsonl:2: invalid UTF-8"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, tokenizer, content, expected):
+    f = tmp_path / "t" / "x.jsonl"
+    f.parent.mkdir()
+    f.write_bytes(good().encode() + b"\n" + content)
+    with pytest.raises(DataError, match=expected):
+        load_tasks(config_for(tmp_path, [tmp_path / "t"]), tokenizer, tokenizer.eos_token_id)
+
+
+def test_missing_and_empty_task_dirs(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        load_tasks(config_for(tmp_path, [tmp_path / "nope"]), tokenizer, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no \\*.jsonl files"):
+        load_tasks(config_for(tmp_path, [tmp_path / "empty"]), tokenizer, 0)

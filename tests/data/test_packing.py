@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from mftcore.data.packing import (best_fit_decreasing, best_fit_decreasing_reference, fill_ratio,
-                                  next_fit_reference, rows_from_bins)
+from mftcore.data.packing import (
+    best_fit_decreasing,
+    best_fit_decreasing_reference,
+    fill_ratio,
+    next_fit_reference,
+    rows_from_bins,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -124,9 +124,7 @@ def test_single_turn_ids_and_mask_with_custom_markers(tokenizer):
 
 def test_batched_tokenization_equals_one_call_per_segment(tokenizer):
     """encode_texts batches the segments; each must get exactly the ids of its own encode() call."""
-    from mftcore.data.render import encode_texts
-
-    from mftcore.data.render import plain_fast_tokenizer
+    from mftcore.data.render import encode_texts, plain_fast_tokenizer
 
     texts = ["<s>human\nq\u00e9 \U0001F600\n<s>bot\n", "  def f():\n\treturn 1\n", "\n", "SELECT * FROM t;\n"]
     expected = [tokenizer.encode(t, add_special_tokens=False) for t in texts]

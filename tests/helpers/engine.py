@@ -6,8 +6,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.paths import DATA, TINY_MODEL, TOKENIZER
 from mftcore.config import TrainConfig
+from tests.helpers.paths import DATA, TINY_MODEL, TOKENIZER
 
 BASE = {
     "data_paths": DATA, "tokenizer_path": TOKENIZER, "model_config": TINY_MODEL, "seq_length": 256,

@@ -1,6 +1,5 @@
 """Tiny models of every family, built from configs (no downloads), for the family, merge and generate tests."""
 
-import os
 
 import torch
 

@@ -16,9 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tests.helpers.compile_check import dump_cubin
-
 from mftcore.kernels import cross_entropy as ce
+from tests.helpers.compile_check import dump_cubin
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # max dynamic shared memory per block (CUDA guide)

@@ -15,8 +15,10 @@ from mftcore.kernels.dispatch import TENSOR_CORE_DTYPES, uses_triton
 
 va = sys.modules["mftcore.kernels.varlen_attention"]  # the module; the package exports its function
 from tests.helpers.paths import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_varlen_attention as bench  # noqa: E402
+
 from tests.helpers import compile_check  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

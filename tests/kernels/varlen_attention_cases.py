@@ -140,7 +140,7 @@ def test_tiny_llama_packed_row_matches_documents_alone():
     (under SDPA, another model with the same weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mftcore.model import hidden_states
+    from mftcore.model.decoder import hidden_states
 
     config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97)

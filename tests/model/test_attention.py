@@ -13,11 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import mftcore.model.attention as attention
 from mftcore.config import TrainConfig
-from mftcore.model.load import resolve_attn_implementation
 from mftcore.data import Sample, collate_padded
 from mftcore.data.batch import Batch
 from mftcore.errors import ConfigError
 from mftcore.model.decoder import hidden_states
+from mftcore.model.load import resolve_attn_implementation
 
 VOCAB = 97
 FAMILIES = {  # tiny configs; rotary everywhere (GPT-NeoX: on a quarter of each head), GQA where the family has it

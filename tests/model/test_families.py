@@ -3,20 +3,25 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER
 
-from tests.helpers.paths import DATA
 from mftcore.config import TrainConfig
 from mftcore.data import collate_padded, load_tasks
 from mftcore.errors import ConfigError
-from mftcore.model.load import load_model, load_tokenizer
 from mftcore.model.families import (
-    FAMILIES, check_loss_compatible, decoder_layer_class, get_family, lora_target_modules, resolve_eos_token,
+    FAMILIES,
+    check_loss_compatible,
+    decoder_layer_class,
+    get_family,
+    lora_target_modules,
+    resolve_eos_token,
 )
+from mftcore.model.load import load_model, load_tokenizer
 from mftcore.model.loss_model import LossModel, batch_loss
 from mftcore.optim import build_optimizer, build_scheduler
 from mftcore.parallel import Engine
 from mftcore.train import train_step
+from tests.helpers.paths import DATA
+from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER
 
 
 def family_config(model_type: str, **updates) -> TrainConfig:

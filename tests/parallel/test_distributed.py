@@ -23,11 +23,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers.paths import ROOT
-from tests.helpers.engine import engine_config, read_metrics, tensors, write_config
 from mftcore.cli import main
 from mftcore.train import train
-
+from tests.helpers.engine import engine_config, read_metrics, tensors, write_config
+from tests.helpers.paths import ROOT
 
 # 11 train samples per task (33 = 4 global micro-batches of 8, then 1), 4 valid per task (12 = 5 + 5 + 2).
 # Tokenizing in-process: the launch's process group exists before the first run builds the data cache,

@@ -11,8 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers.paths import DATA, ROOT, TINY_MODEL, TOKENIZER
-from tests.helpers.engine import engine_config, read_metrics, tensors, write_config
 from mftcore import parallel
 from mftcore.cli import main
 from mftcore.config import TrainConfig
@@ -22,8 +20,10 @@ from mftcore.errors import ConfigError
 from mftcore.evaluate import batched
 from mftcore.model.load import load_tokenizer
 from mftcore.model.loss_model import LossModel
-from mftcore.train import train
 from mftcore.parallel.deepspeed import fill_deepspeed_config
+from mftcore.train import train
+from tests.helpers.engine import engine_config, read_metrics, tensors, write_config
+from tests.helpers.paths import DATA, ROOT, TINY_MODEL, TOKENIZER
 
 BASE = {"data_paths": DATA, "tokenizer_path": TOKENIZER, "model_config": TINY_MODEL,
         "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}

@@ -8,10 +8,11 @@ import torch.multiprocessing as mp
 
 from mftcore.config import TrainConfig
 from mftcore.data import IGNORE_INDEX, Batch, Sample, collate_padded, shift_labels
+from mftcore.errors import ConfigError
 from mftcore.kernels import fused_linear_cross_entropy
 from mftcore.kernels.cross_entropy import masked_cross_entropy_reference
-from mftcore.errors import ConfigError
-from mftcore.loss import BASE_MODES as MODES, MFTLoss, step_token_scales
+from mftcore.loss import BASE_MODES as MODES
+from mftcore.loss import MFTLoss, step_token_scales
 
 VOCAB, H, K = 23, 8, 3
 WEIGHTS = torch.tensor([1.0, 3.0, 0.5])

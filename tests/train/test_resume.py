@@ -10,12 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers.paths import TINY_MODEL
-from tests.helpers.engine import assert_bitwise_equal, engine_config, read_metrics, tensors, write_config
 from mftcore import checkpoint
 from mftcore.errors import ConfigError
 from mftcore.train import train
-
+from tests.helpers.engine import assert_bitwise_equal, engine_config, read_metrics, tensors, write_config
+from tests.helpers.paths import TINY_MODEL
 
 # Attention dropout draws from the torch RNG every step, CoBa keeps a loss history and a validation
 # position, accumulation splits steps: each is state that resume has to carry.

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -86,3 +87,24 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     lrs.append(sched.get_last_lr()[0])
     assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
+
+
+def test_train_packs_and_reuses_the_cache(tiny_config, capsys):
+    """`mftcore prepare` then `train` with padding_mode "pack": the cache is reused, the run learns."""
+    import json
+    import os
+
+    from mftcore.cli import main
+
+    path, cfg = tiny_config(padding_mode="pack", seq_length=128, per_device_train_batch_size=2,
+                            max_train_steps=6, log_interval=1, evaluation_steps=6)
+    assert main(["prepare", path]) == 0
+    assert "(built)" in capsys.readouterr().err
+    assert main(["train", path]) == 0
+    out = capsys.readouterr()
+    assert "(reused)" in out.out + out.err
+    with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    train = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(train) == 6 and all(np.isfinite(train)) and train[-1] < train[0]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [6]

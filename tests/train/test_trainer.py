@@ -1,4 +1,4 @@
-"""The training engine on tiny models: LoRA/QLoRA/full, precision, activation checkpointing, MoE
+"""The trainer's features on tiny models: LoRA/QLoRA/full, precision, activation checkpointing, MoE
 auxiliary loss, evaluation with accuracy, early stopping, non-finite steps, metrics, loading safety."""
 
 import json
@@ -11,18 +11,18 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.helpers.paths import TINY_MODEL
-from tests.helpers.engine import engine_config, read_metrics, save_tiny_pretrained, tensors
 from mftcore import train as train_module
 from mftcore.data import collate_padded, load_tasks
 from mftcore.errors import ConfigError, TrainingError
 from mftcore.metrics import attention_width, matmul_params, step_flops
-from mftcore.model.decoder import causal_lm, run_decoder
-from mftcore.model.load import load_tokenizer
 from mftcore.model import loss_model as loss_model_module
 from mftcore.model.build import build_model
+from mftcore.model.decoder import causal_lm, run_decoder
+from mftcore.model.load import load_tokenizer
 from mftcore.model.moe import moe_spec, router_aux_loss
 from mftcore.train import train
+from tests.helpers.engine import engine_config, read_metrics, save_tiny_pretrained, tensors
+from tests.helpers.paths import TINY_MODEL
 
 CPU = torch.device("cpu")
 
@@ -197,6 +197,28 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(tmp_path
     opt7 = torch.load(out / "checkpoint-7" / "optimizer.pt", weights_only=True)["state"]
     assert opt4[0]["step"] == opt7[0]["step"] == 2  # AdamW stepped at steps 1 and 4 only
     assert torch.equal(opt4[0]["exp_avg"], opt7[0]["exp_avg"])
+
+
+def test_skips_are_counted_on_logging_and_checkpoint_steps_only(tmp_path, monkeypatch):
+    """log_interval 3: the skip codes stay on the device until a logging step (3, 6) or a checkpoint (8)
+    reads them; the counts and the stop are those of every step, not only of the steps that read them."""
+    real, calls = loss_model_module.batch_loss, [0]
+
+    def poisoned(*args, **kwargs):  # steps 2 and 5 onwards: a NaN loss
+        calls[0] += 1
+        out = real(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan")) if calls[0] == 2 or calls[0] >= 5 else out
+
+    monkeypatch.setattr(loss_model_module, "batch_loss", poisoned)
+    cfg = engine_config(tmp_path / "out", max_train_steps=12, checkpointing_steps=8, log_interval=3,
+                        max_consecutive_nonfinite=2)
+    with pytest.raises(TrainingError, match="4 steps in a row had a non-finite loss .*last at step 8.*checkpoint-8"):
+        train(cfg)
+    assert [(r["step"], r["skipped_steps"]) for r in read_metrics(cfg.output_dir, "train")] == [(3, 1), (6, 3)]
+    with open(tmp_path / "out" / "checkpoint-8" / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["skips"] == [[2, "loss"], [5, "loss"], [6, "loss"], [7, "loss"], [8, "loss"]]
+    assert state["skipped_steps"] == 5 and state["nonfinite_in_a_row"] == 4
 
 
 def test_fp16_overflow_skips_the_update_lowers_the_scale_and_never_stops_the_run(tmp_path, monkeypatch):

@@ -1,84 +1,13 @@
-"""padding_mode "pack": packed Batches, the StepLoader's epochs across ranks, and attention that stays
-inside each document (the same per-document loss as padding, through a tiny HF Llama)."""
+"""The StepLoader: each epoch's micro-batches (padded or packed rows) across ranks, exactly once per
+epoch, resumable at the exact next step; and the Prefetcher that runs it one step ahead."""
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers.paths import TINY_MODEL
-from mftcore.data import IGNORE_INDEX, Sample, StepLoader, collate_packed, collate_padded
-from mftcore.model.decoder import hidden_states, packed_attention_mask
+from mftcore.data import IGNORE_INDEX, Sample, StepLoader
 
 X = IGNORE_INDEX
-
-
-def test_collate_packed_fields():
-    a = Sample([10, 11, 12], [0, 1, 1], task_id=0)
-    b = Sample([20, 21], [0, 1], task_id=1)
-    c = Sample([30, 31, 32, 33], [0, 0, 1, 1], task_id=2)
-    batch = collate_packed([[a, b], [c]], pad_id=0)
-    assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21], [30, 31, 32, 33, 0]]
-    # labels shifted inside each document: a's last token never predicts b's first
-    assert batch.labels.tolist() == [[11, 12, X, 21, X], [X, 32, 33, X, X]]
-    assert batch.task_ids.tolist() == [[0, 0, 0, 1, 1], [2, 2, 2, 2, -1]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    # documents a, b | c, then c's row padding as a segment of its own: all B*L = 10 tokens covered
-    assert batch.cu_seqlens.tolist() == [0, 3, 5, 9, 10] and batch.cu_seqlens.dtype == torch.int32
-    assert batch.max_seqlen == 4 and batch.attention_mask is None and batch.num_tokens == 9
-
-
-def test_block_diagonal_mask_from_cu_seqlens():
-    a, b = Sample([1, 2, 3], [0, 1, 1], 0), Sample([4, 5], [0, 1], 0)
-    batch = collate_packed([[a, b], [b]], pad_id=0)
-    mask = packed_attention_mask(batch, "sdpa", torch.float32)
-    T, F = True, False
-    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
-    assert mask[0, 0].tolist() == [[T, F, F, F, F], [T, T, F, F, F], [T, T, T, F, F], [F, F, F, T, F],
-                                   [F, F, F, T, T]]
-    assert mask[1, 0].tolist() == [[T, F, F, F, F], [T, T, F, F, F], [F, F, T, F, F], [F, F, T, T, F],
-                                   [F, F, T, T, T]]  # the padding run attends only to itself
-    eager = packed_attention_mask(batch, "eager", torch.float16)
-    assert eager.dtype == torch.float16 and torch.equal(eager == 0, mask)
-    assert packed_attention_mask(batch, "mftcore_varlen", torch.float32) is None  # varlen needs none
-
-
-def token_losses(model, batch):
-    """Cross-entropy of every position [B, L] (0 where there is no target)."""
-    with torch.no_grad():
-        logits = model.lm_head(hidden_states(model, batch)).float()
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten().clamp(min=0),
-                                           reduction="none").view(batch.labels.shape)
-    return torch.where(batch.labels != X, ce, 0.0)
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_and_padded_give_the_same_per_document_loss(attn):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    spec = {k: v for k, v in TINY_MODEL.items() if k != "model_type"}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=97, **spec),
-                                             attn_implementation=attn).eval()
-    rng = np.random.default_rng(0)
-    docs = []
-    for i, n in enumerate([7, 12, 3, 20, 9, 15, 1, 11]):
-        mask = (rng.random(n) < 0.7).astype(int)
-        docs.append(Sample(rng.integers(1, 97, n).tolist(), mask.tolist(), task_id=i % 3))
-    padded = collate_padded(docs, pad_id=0)
-    rows = [[0, 1, 2], [3, 4], [5, 6, 7]]
-    packed = collate_packed([[docs[i] for i in row] for row in rows], pad_id=0)
-
-    pad_loss, pack_loss = token_losses(model, padded), token_losses(model, packed)
-    for r, row in enumerate(rows):
-        start = 0
-        for i in row:
-            n = len(docs[i].input_ids)
-            torch.testing.assert_close(pack_loss[r, start:start + n], pad_loss[i, :n], rtol=1e-5, atol=1e-5)
-            start += n
-    # control: the same packed rows with one causal attention over the whole row do leak between documents
-    leaky = collate_packed([[docs[i] for i in row] for row in rows], pad_id=0)
-    leaky.attention_mask = torch.ones_like(leaky.input_ids)
-    assert not torch.allclose(token_losses(model, leaky)[0, 7:19], pad_loss[1, :12], atol=1e-4)
 
 
 def make_samples(n, seed=0):
@@ -208,22 +137,65 @@ def test_pack_rejects_a_sample_longer_than_a_row():
                    seq_length=4)
 
 
-def test_train_packs_and_reuses_the_cache(tiny_config, capsys):
-    """`mftcore prepare` then `train` with padding_mode "pack": the cache is reused, the run learns."""
-    import json
-    import os
+def test_step_loader_resumes_at_the_exact_next_step():
+    from mftcore.data import StepLoader
 
-    from mftcore.cli import main
+    samples = [Sample([i, i + 1, i + 2], [0, 1, 1], task_id=i % 2) for i in range(0, 300, 3)]
+    make = lambda: StepLoader(samples, batch_size=4, accumulation=3, pad_id=0, seed=7)  # noqa: E731
+    full = make()
+    assert full.steps_per_epoch() == 9  # 100 samples -> 25 micro-batches -> 9 steps, the last short
+    it = iter(full)
+    steps = [next(it) for _ in range(20)]  # crosses two epoch boundaries
+    assert [e for e, _ in steps] == [0] * 9 + [1] * 9 + [2] * 2
+    assert len(steps[8][1]) == 1  # the last step of an epoch holds the leftover micro-batch only
 
-    path, cfg = tiny_config(padding_mode="pack", seq_length=128, per_device_train_batch_size=2,
-                            max_train_steps=6, log_interval=1, evaluation_steps=6)
-    assert main(["prepare", path]) == 0
-    assert "(built)" in capsys.readouterr().err
-    assert main(["train", path]) == 0
-    out = capsys.readouterr()
-    assert "(reused)" in out.out + out.err
-    with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    train = [r["loss"] for r in records if r["split"] == "train"]
-    assert len(train) == 6 and all(np.isfinite(train)) and train[-1] < train[0]
-    assert [r["step"] for r in records if r["split"] == "valid"] == [6]
+    resumed = make()
+    it = iter(resumed)
+    for _ in range(13):
+        next(it)
+    state = resumed.state_dict()
+    again = make()
+    again.load_state_dict(state)
+    it = iter(again)
+    rest = [next(it) for _ in range(7)]
+    for (e1, b1), (e2, b2) in zip(steps[13:], rest):
+        assert e1 == e2 and [b.input_ids.tolist() for b in b1] == [b.input_ids.tolist() for b in b2]
+
+
+def test_prefetcher_hands_out_the_loaders_steps_in_order_with_their_positions():
+    from mftcore.data.loader import Prefetcher
+
+    samples = make_samples(60)
+    make = lambda: StepLoader(samples, batch_size=4, accumulation=2, pad_id=0, seed=3)  # noqa: E731
+    plain = make()
+    it = iter(plain)
+    want = []
+    for _ in range(12):  # crosses an epoch boundary (8 steps per epoch)
+        epoch, batches = next(it)
+        want.append((epoch, [b.input_ids.tolist() for b in batches], plain.state_dict()))
+    with Prefetcher(make().steps(), torch.device("cpu")) as steps:
+        got = [next(steps) for _ in range(12)]
+    assert [(s.epoch, [b.input_ids.tolist() for b in s.batches], s.position) for s in got] == want
+    assert all(s.tokens == sum(b.num_tokens for b in s.batches) for s in got)
+
+
+def test_prefetcher_raises_the_loaders_error_and_stops_its_thread():
+    from mftcore.data.loader import Prefetcher
+
+    def steps():
+        yield "first"
+        raise ValueError("bad row")
+
+    class Step:  # the Prefetcher moves .batches; a stand-in with none
+        def __init__(self, name):
+            self.name, self.batches = name, []
+
+    prefetcher = Prefetcher((Step(s) for s in ["a"]), torch.device("cpu"))
+    assert next(prefetcher).name == "a"
+    prefetcher.close()
+    assert not prefetcher.thread.is_alive()
+    failing = Prefetcher((Step(x) for x in steps()), torch.device("cpu"))
+    assert next(failing).name == "first"
+    with pytest.raises(ValueError, match="bad row"):
+        next(failing)
+    failing.close()
