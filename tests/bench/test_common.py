@@ -1,12 +1,16 @@
-"""bench/common.py: device names, tables, gates, interleaved timing and the scripts' main()."""
+"""bench/common.py: device names, tables, gates, interleaved timing, the scripts' main(), and the results
+files: one scheme, bench/results/<device>/<name>.<ext>, and every results file the README cites exists."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
 
-from tests.bench.scripts import bench_script
+from mftcore.commands.bench import BENCHMARKS
+from tests.bench.scripts import BENCH, bench_script
+from tests.helpers.paths import ROOT
 
 common = bench_script("common")
 GATES = common.load_gates()
@@ -122,3 +126,39 @@ def test_a_script_asked_for_a_missing_gpu_says_so_in_one_line(tmp_path, monkeypa
     assert err == "bench fake: error: --device cuda: torch sees no CUDA device here"
     assert fake_script(tmp_path, ["--device", "auto", "--quick"]) == 0  # auto: the CPU
     assert "measuring on cpu" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- results files
+RESULT_NAMES = set(BENCHMARKS) | {"gpu_check", "gpu_check_dry_run"}
+
+
+def results_files() -> list:
+    root = os.path.join(BENCH, "results")
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+def test_results_follow_one_scheme():
+    """bench/results/<device>/<bench>.json (a benchmark's or gpu_check's run) or compile-<targets>/<op>.txt|md."""
+    files = results_files()
+    assert files, "no committed results"
+    for rel in files:
+        parts = rel.split(os.sep)
+        assert len(parts) == 2 and parts[0] == common.slug(parts[0]), rel
+        name, ext = os.path.splitext(parts[1])
+        if parts[0].startswith("compile-"):
+            assert ext in (".txt", ".md") and name in BENCHMARKS, rel
+        else:
+            assert ext == ".json" and name in RESULT_NAMES, rel
+            with open(os.path.join(BENCH, "results", rel), encoding="utf-8") as f:
+                assert isinstance(json.load(f), dict), rel
+
+
+def test_every_results_file_the_readme_and_gates_cite_exists():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(common.GATES, encoding="utf-8") as f:
+        gates = f.read()
+    cited = set(re.findall(r"bench/results/[\w./-]+\w", readme + gates))
+    assert cited, "the README cites no results file"
+    assert [c for c in cited if not os.path.exists(os.path.join(ROOT, c))] == []
+    assert {f"bench/results/{rel}" for rel in results_files()} <= set(re.findall(r"bench/results/[\w./-]+\w", readme))
