@@ -31,7 +31,8 @@ PYTHONPATH=/tmp/site;` before the command above. A carried package that fails th
 its benchmark, not a crash.
 
 --dry-run runs the same plumbing on the CPU with tiny shapes (tests/bench/test_bench.py does, in CI); its
-file is <results-dir>/<cpu>/gpu_check_dry_run.json. This script has never run on a GPU: the session that wrote it had none.
+file is <results-dir>/<cpu>/gpu_check_dry_run.json. This script has never run on a GPU: the session that
+wrote it had none.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ GATES = common.load_gates()
 
 
 def test_device_names_and_tables():
-    assert common.slug("NVIDIA H200") == "nvidia-h200" and common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert common.slug("AMD EPYC") == "amd-epyc" and common.slug("Intel(R) Xeon(R) Processor") == "intel-r-xeon-r-processor"
+    assert common.slug("NVIDIA H200") == "nvidia-h200"
+    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.slug("Intel(R) Xeon(R) Processor") == "intel-r-xeon-r-processor"
     cpu = common.device_slug("cpu")
     assert cpu.startswith("cpu-") and cpu.endswith(f"-{os.cpu_count()}cores") and cpu == common.slug(cpu)
     table = common.format_table([{"impl": "a", "ms": 1.23456, "x": {"y": 2}, "l": [1]}, {"impl": "bb", "ms": 10.0}])
