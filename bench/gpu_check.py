@@ -56,6 +56,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.append(ROOT)  # mftcore's pure-Python modules even before the install (the environment stage says so)
 
 import common  # noqa: E402 - bench/common.py, this script's neighbour (after the line above: it imports mftcore)
+
 BUILD_COMMAND = "python3 -m pip install --no-build-isolation --no-deps -e ."
 OPTIONAL = {"liger_kernel": "bench_cross_entropy's liger row", "flash_attn": "nothing measured here needs it",
             "bitsandbytes": "GPU tests of QLoRA, if any", "deepspeed": "GPU tests of ZeRO, if any"}
