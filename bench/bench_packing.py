@@ -28,12 +28,12 @@ import common
 from mftcore.data.packing import best_fit_decreasing, best_fit_decreasing_reference, fill_ratio, next_fit_reference
 
 CAPACITY = 4096
-# C++ calls in a row per round (0.2-0.3 s at 1M lengths): the first of a round pays for fresh pages
+# C++ calls in a row per round (0.4-0.6 s at 1M lengths): the first of a round pays for fresh pages
 # (the output array, the sort's vectors: 1.8k page faults, 30-40 ms), the next reuse the allocator's
-# memory (0-10 faults, 20 ms on an idle 2-core Xeon); and a job beside it slows this memory-bound loop
-# more than the interpreted one (thread CPU time 19-20 ms idle, 24-31 ms beside two other jobs'
-# pytest runs): cheap calls, so many of them, for the fastest to be an undisturbed one.
-CPP_BACK_TO_BACK = 10
+# memory (0-10 faults, 19-20 ms of thread CPU time on an idle 2-core Xeon); and a job beside it slows
+# this memory-bound loop more than the interpreted one (the fastest of 80 calls took 28 ms beside a
+# compiler): cheap calls, so many of them, for the fastest to be an undisturbed one.
+CPP_BACK_TO_BACK = 20
 
 
 def lognormal_lengths(n: int, seed: int = 0, mean: float = 650.0, sigma: float = 1.0) -> np.ndarray:
