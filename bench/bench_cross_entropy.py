@@ -267,8 +267,8 @@ def cpu_results(quick: bool) -> dict:
 # ---------------------------------------------------------------------------------- the script
 def run(device: str, quick: bool) -> dict:
     if device == "cuda":
-        return {**common.machine_record("cuda"), **gpu_benchmarks(sweep=not quick)}
-    return {**common.machine_record("cpu"), **cpu_results(quick)}
+        return {**gpu_benchmarks(sweep=not quick), **common.machine_record("cuda")}
+    return {**cpu_results(quick), **common.machine_record("cpu")}
 
 
 def check_gates(result: dict) -> list | None:

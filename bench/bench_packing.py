@@ -176,8 +176,7 @@ def measure_prepare_vs_plain_loop(copies: int = 10, rounds: int = 5, clock="wall
 
 def run(device: str, quick: bool) -> dict:
     """Everything this script measures. CPU work whatever `device` says: results name the CPU."""
-    return {**common.machine_record("cpu"), "cpu": common.cpu_model(), "cores": os.cpu_count(),
-            "numpy": np.__version__,
+    return {**common.machine_record("cpu"), "cores": os.cpu_count(), "numpy": np.__version__,
             "packing": measure_packing(100_000 if quick else 1_000_000, rounds=2 if quick else 3),
             "prepare": measure_prepare(4 if quick else 40),
             "prepare_vs_plain_loop": measure_prepare_vs_plain_loop(2 if quick else 10, 2 if quick else 5)}

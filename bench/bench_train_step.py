@@ -267,7 +267,7 @@ def gpu_benchmarks(device="cuda", model_config=None, n_samples: int = 256, seq_l
 # ---------------------------------------------------------------------------------- the script
 def run(device: str, quick: bool) -> dict:
     if device == "cuda":
-        return {**common.machine_record("cuda"), **gpu_benchmarks(n_samples=64 if quick else 256)}
+        return {**gpu_benchmarks(n_samples=64 if quick else 256), **common.machine_record("cuda")}
     return cpu_results(repeats=1 if quick else 3, max_samples=64 if quick else None)
 
 

@@ -240,11 +240,11 @@ def cpu_benchmarks(total=2048, heads=(8, 2), head_dim=64) -> list[dict]:
 # ---------------------------------------------------------------------------------- the script
 def run(device: str, quick: bool) -> dict:
     if device == "cuda":
-        return {**common.machine_record("cuda"), **gpu_benchmarks(totals=(8192,) if quick else (8192, 16384))}
+        return {**gpu_benchmarks(totals=(8192,) if quick else (8192, 16384)), **common.machine_record("cuda")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on 2 shared cores, threaded timings measure the neighbours, not the code
     try:
-        return {**common.machine_record("cpu"), "threads": 1, "rows": cpu_benchmarks(total=512 if quick else 2048)}
+        return {"threads": 1, "rows": cpu_benchmarks(total=512 if quick else 2048), **common.machine_record("cpu")}
     finally:
         torch.set_num_threads(threads)
 

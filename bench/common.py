@@ -68,11 +68,14 @@ def resolve_device(device: str) -> str:
 
 
 def machine_record(device: str) -> dict:
-    """Who measured, and how busy the machine was: speed numbers on a shared machine move with its load."""
+    """Who measured, and how busy the machine was: speed numbers on a shared machine move with its load.
+    "device" is the slug that names the results directory; merge this record last into a result."""
     import torch
 
-    return {"device": device_slug(device), "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"), "load_average_1min": os.getloadavg()[0]}
+    name = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else cpu_model()
+    return {"device": device_slug(device), "device_name": name, "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "load_average_1min": os.getloadavg()[0]}
 
 
 # ------------------------------------------------------------------------------------------- tables

@@ -118,6 +118,16 @@ def test_the_command_knows_every_script_of_the_checkout():
         assert all(callable(getattr(module, f, None)) for f in ("run", "table", "check_gates", "main")), name
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "varlen_attention", "train_step"])
+def test_a_gpu_run_is_filed_under_the_device_slug(name, monkeypatch):
+    """What a GPU function records as "device" (varlen's: the CUDA name) must not become the directory name."""
+    module = bench_script(f"bench_{name}")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(module, "gpu_benchmarks", lambda **kwargs: {"device": "NVIDIA H200", "kwargs": kwargs})
+    result = module.run("cuda", quick=True)
+    assert result["device"] == "nvidia-h200" and result["device_name"] == "NVIDIA H200" and result["kwargs"]
+
+
 def test_bench_scripts_run_as_scripts_from_anywhere(tmp_path):
     """`python bench/bench_<name>.py --help` from another directory: the script finds its neighbour common.py."""
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_varlen_attention.py"), "--help"],
