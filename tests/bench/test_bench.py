@@ -128,6 +128,26 @@ def test_a_gpu_run_is_filed_under_the_device_slug(name, monkeypatch):
     assert result["device"] == "nvidia-h200" and result["device_name"] == "NVIDIA H200" and result["kwargs"]
 
 
+def test_the_tables_of_gpu_results_print(one_thread):
+    """The GPU branch of each table(), on results shaped as the GPU functions return them (run on the CPU
+    where they can: no CI machine has a GPU)."""
+    ce = bench_script("bench_cross_entropy")
+    result = ce.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=gpu_check.cpu_timer, peak=None,
+                               sweep=False)
+    text = ce.table({**result, "device": "nvidia-h200"})
+    assert "N=64 H=32 V=100 float32" in text and "effective_tflops" in text and "tflops>=600" in text
+    va = bench_script("bench_varlen_attention")
+    row = {"total_tokens": 8192, "documents": 5, "max_len": 4096, "fwd_vs_varlen_attn": 0.95,
+           "backends": {"mftcore": {"fwd_ms": 1.0, "bwd_ms": 2.0}, "flex": {"error": "RuntimeError: x"}}}
+    text = va.table({"device": "nvidia-h200", "shapes": [row]})
+    assert "backends.mftcore.fwd_ms" in text and "backends.flex.error" in text and "0.95" in text
+    samples = train_step.synthetic_samples(8, 64, vocab_size=97, seed=0, mean=30)
+    result = train_step.compare(MICRO_LLAMA, samples, vocab_size=97, pad_id=0, seq_length=64, batch_size=2,
+                                num_tasks=3, warmup_steps=0)
+    text = train_step.table({**result, "device": "nvidia-h200", "model": {**MICRO_LLAMA, "vocab_size": 97}})
+    assert text.startswith("train step, 2-layer Llama, bf16") and "x trained tokens/s" in text
+
+
 def test_bench_scripts_run_as_scripts_from_anywhere(tmp_path):
     """`python bench/bench_<name>.py --help` from another directory: the script finds its neighbour common.py."""
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_varlen_attention.py"), "--help"],
