@@ -1,10 +1,12 @@
 """Benchmark of the fused linear + cross-entropy op against eager PyTorch (and Liger-Kernel where installed).
 
-CPU part (pytest-benchmark):  pytest bench/bench_cross_entropy.py
-    peak memory of the chunked CPU path vs the naive logits path (N=8192, H=1024, V=32000, fp32; goal
-    <= 0.25x), each in a fresh subprocess, and a small forward+backward speed comparison.
-CPU numbers to commit:         python bench/bench_cross_entropy.py cpu   -> bench/results/cpu-<machine>.json
-GPU part (bench/gpu_check.py calls these; plain functions returning dicts):
+    python bench/bench_cross_entropy.py [--device cpu|cuda] [--quick] [--json PATH]
+    mftcore bench cross_entropy [--device cpu|cuda] [--quick] [--json PATH]      # the same
+
+CPU: peak memory of the chunked CPU path vs the naive logits path (N=8192, H=1024, V=32000, fp32; gate
+    "cross_entropy": naive >= 4x chunked), each in a fresh subprocess, and a small forward+backward
+    speed comparison (best of 5 wall times).
+GPU (bench/gpu_check.py calls these too; plain functions returning dicts):
     gpu_correctness()  bf16/fp16 against an fp32 reference on awkward shapes, every reduction
     gpu_benchmarks()   forward+backward at N=16384, H=4096, V=128256 bf16: median time, effective TFLOP/s
                        (8*N*H*V / time, Liger's and CCE's convention), peak memory beyond inputs and
@@ -13,20 +15,17 @@ GPU part (bench/gpu_check.py calls these; plain functions returning dicts):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from mftcore.benchmarks import device_slug, gate_failures
+import common
 from mftcore.kernels import cross_entropy as ce
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL_SHAPE = (16384, 4096, 128256)  # N, H, V (Llama-3 vocabulary)
 CPU_MEMORY_SHAPE = (8192, 1024, 32000)
 CPU_SPEED_SHAPE = (2048, 512, 8000)
@@ -199,11 +198,14 @@ def sweep_logits_configs(shape, dtype, device, timer) -> list:
 
 
 # ---------------------------------------------------------------------------------------- CPU
+PEAK_MEMORY = "peak-memory"  # the first argument of the child process that measures one impl's peak
+
+
 def peak_memory_in_subprocess(impl: str, shape=CPU_MEMORY_SHAPE) -> dict:
     """Run one forward+backward in a fresh process; its peak RSS (VmHWM) beyond the inputs."""
     n, h, v = shape
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "peak-memory", impl, str(n), str(h), str(v)],
-                          capture_output=True, text=True, check=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), PEAK_MEMORY, impl, str(n), str(h), str(v)],
+                          capture_output=True, text=True, check=True, cwd=common.ROOT)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -215,7 +217,8 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_memory_main(impl: str, n: int, h: int, v: int) -> None:
+def report_peak_memory(impl: str, n: int, h: int, v: int) -> int:
+    """The child of peak_memory_in_subprocess: one forward+backward, its peak RSS as a JSON line."""
     torch.set_num_threads(1)  # identical allocation pattern on any machine; time is not measured here
     hidden, weight, _, labels, tasks = make_inputs(n, h, v, torch.float32, "cpu")
     weight.requires_grad_()
@@ -228,84 +231,70 @@ def _peak_memory_main(impl: str, n: int, h: int, v: int) -> None:
     peak = _rss_bytes("VmHWM")
     print(json.dumps({"impl": impl, "shape": [n, h, v], "peak_extra_bytes": peak - base,
                       "grad_bytes": (hidden.numel() + weight.numel()) * 4}))
+    return 0
 
 
 def cpu_speed(shape=CPU_SPEED_SHAPE, repeats=5) -> dict:
-    """Best of `repeats` forward+backward wall times: the minimum is the least disturbed by other load."""
+    """Best of `repeats` forward+backward wall times each, interleaved: the minimum is the least disturbed."""
     n, h, v = shape
-    out = {}
-    for name, fn in (("mftcore", ours_loss), ("eager", eager_loss)):
+    inputs = {}
+    for name in ("mftcore", "eager"):
         hidden, weight, _, labels, tasks = make_inputs(n, h, v, torch.float32, "cpu")
-        hidden.requires_grad_()
-        weight.requires_grad_()
-        times = []
-        for _ in range(repeats):
-            hidden.grad = weight.grad = None
-            t0 = time.perf_counter()
-            fn(hidden, weight, labels, tasks).backward()
-            times.append(time.perf_counter() - t0)
-        out[name + "_best_ms"] = min(times) * 1e3
-    return out
+        inputs[name] = (hidden.requires_grad_(), weight.requires_grad_(), labels, tasks)
 
-
-def machine_name() -> str:
-    return device_slug("cpu")
-
-
-def cpu_results() -> dict:
-    naive, chunked = peak_memory_in_subprocess("naive"), peak_memory_in_subprocess("chunked")
-    return {"device": machine_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "load_average_1min": os.getloadavg()[0],  # a shared machine: speed numbers move with it
-            "peak_memory": {"shape": list(CPU_MEMORY_SHAPE), "dtype": "float32", "naive": naive, "chunked": chunked,
-                            "ratio": chunked["peak_extra_bytes"] / naive["peak_extra_bytes"], "goal": "<= 0.25"},
-            "speed": {"shape": list(CPU_SPEED_SHAPE), "dtype": "float32", "forward+backward": cpu_speed()}}
-
-
-# ---------------------------------------------------------------------------- pytest-benchmark
-def test_cpu_peak_memory_ratio(benchmark):
-    result = benchmark.pedantic(lambda: (peak_memory_in_subprocess("naive"), peak_memory_in_subprocess("chunked")),
-                                rounds=1, iterations=1)
-    ratio = result[1]["peak_extra_bytes"] / result[0]["peak_extra_bytes"]
-    benchmark.extra_info.update({"naive_bytes": result[0]["peak_extra_bytes"],
-                                 "chunked_bytes": result[1]["peak_extra_bytes"], "ratio": ratio})
-    assert gate_failures("cross_entropy", {"naive_over_chunked_peak_memory": 1 / ratio}) == [], result
-
-
-def test_cpu_forward_backward_mftcore(benchmark):
-    _bench_cpu(benchmark, ours_loss)
-
-
-def test_cpu_forward_backward_eager(benchmark):
-    _bench_cpu(benchmark, eager_loss)
-
-
-def _bench_cpu(benchmark, fn):
-    n, h, v = CPU_SPEED_SHAPE
-    hidden, weight, _, labels, tasks = make_inputs(n, h, v, torch.float32, "cpu")
-    hidden.requires_grad_()
-    weight.requires_grad_()
-
-    def clear_grads():
+    def step(name, fn):
+        hidden, weight, labels, tasks = inputs[name]
         hidden.grad = weight.grad = None
+        fn(hidden, weight, labels, tasks).backward()
 
-    benchmark.group = f"cross-entropy fwd+bwd N={n} H={h} V={v} fp32"
-    benchmark.pedantic(lambda: fn(hidden, weight, labels, tasks).backward(), setup=clear_grads, rounds=3)
+    t = common.time_interleaved({"mftcore": lambda: step("mftcore", ours_loss),
+                                 "eager": lambda: step("eager", eager_loss)}, repeats)
+    return {f"{name}_best_ms": best * 1e3 for name, best in t.best.items()}
+
+
+def cpu_results(quick: bool) -> dict:
+    memory_shape = (1024, 128, 8000) if quick else CPU_MEMORY_SHAPE
+    speed_shape = (512, 128, 2000) if quick else CPU_SPEED_SHAPE
+    peaks = {impl: peak_memory_in_subprocess(impl, memory_shape) for impl in ("naive", "chunked")}
+    speed = cpu_speed(speed_shape)
+    rows = [{"impl": impl, "peak_extra_mb": peaks[key]["peak_extra_bytes"] / 2 ** 20,
+             "fwd+bwd_best_ms": speed[f"{impl}_best_ms"]} for impl, key in (("mftcore", "chunked"), ("eager", "naive"))]
+    return {"dtype": "float32", "memory_shape": list(memory_shape), "speed_shape": list(speed_shape),
+            "peak_memory": peaks, "speed": speed, "rows": rows,
+            "naive_over_chunked_peak_memory": peaks["naive"]["peak_extra_bytes"] / peaks["chunked"]["peak_extra_bytes"]}
+
+
+# ---------------------------------------------------------------------------------- the script
+def run(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return {**gpu_benchmarks(sweep=not quick), **common.machine_record("cuda")}
+    return {**cpu_results(quick), **common.machine_record("cpu")}
+
+
+def check_gates(result: dict) -> list | None:
+    """The CPU path's peak-memory gate; none on a GPU, whose goals (TFLOP/s, vs Liger) are recorded only."""
+    if "naive_over_chunked_peak_memory" not in result:
+        return None
+    return common.gate_failures("cross_entropy", result)
+
+
+def table(result: dict) -> str:
+    if "naive_over_chunked_peak_memory" not in result:
+        shape = result["shape"]
+        return "\n".join([f"fused linear cross-entropy fwd+bwd, N={shape['N']} H={shape['H']} V={shape['V']} "
+                          f"{result['dtype']}", common.format_table(result["rows"]), f"goals: {result['goals']}"])
+    return "\n".join([f"fused linear cross-entropy on CPU, fp32: peak memory at N,H,V={tuple(result['memory_shape'])} "
+                      f"(fresh process each), speed at {tuple(result['speed_shape'])}",
+                      common.format_table(result["rows"]),
+                      f"naive / chunked peak memory: {result['naive_over_chunked_peak_memory']:.1f}x"])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [PEAK_MEMORY]:
+        return report_peak_memory(argv[1], *map(int, argv[2:5]))
+    return common.run_script("cross_entropy", run, table, check_gates, argv, __doc__)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["cpu", "gpu", "peak-memory"])
-    parser.add_argument("args", nargs="*")
-    a = parser.parse_args()
-    if a.what == "peak-memory":
-        _peak_memory_main(a.args[0], *map(int, a.args[1:4]))
-    elif a.what == "cpu":
-        res = cpu_results()
-        path = os.path.join(ROOT, "bench", "results", f"{res['device']}-cross_entropy.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(path + ".tmp", path)
-        print(json.dumps(res, indent=2))
-    else:
-        print(json.dumps({"correctness": gpu_correctness(), "benchmarks": gpu_benchmarks()}, indent=2))
+    sys.exit(main())

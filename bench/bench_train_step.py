@@ -11,8 +11,10 @@ path differ:
 Throughput is trained (real, non-padding) tokens per second over the timed epoch, after warm-up steps
 on the epoch before it. Same data, so the ratio of tokens/s is the ratio of epoch times.
 
-    python bench/bench_train_step.py cpu [--write]   # tiny model of configs/tiny.json on the sample data
-    mftcore bench train_step                          # the same, as a table (GPU: gpu_benchmarks())
+    python bench/bench_train_step.py [--device cpu|cuda] [--quick] [--json PATH]
+    mftcore bench train_step [--device cpu|cuda] [--quick] [--json PATH]              # the same
+
+CPU: the tiny model of configs/tiny.json on the sample data, fp32, one thread, best of 3 epochs each.
 
 GPU (bench/gpu_check.py calls gpu_benchmarks()): a Llama-3.2-1B-shaped model built from LLAMA_1B, bf16
 weights and AdamW, seq_length 4096, 4 rows (packed) or 4 samples (padded) per step, on synthetic
@@ -22,7 +24,6 @@ not gated in CI): packed >= 2x padded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common
+
+ROOT = common.ROOT
 # The attention of the packed mode: the Batch's cu_seqlens straight into the varlen kernel (Triton on a
 # GPU; per-document SDPA, its reference, on CPU), never an L x L mask.
 PACKED_ATTN = "mftcore_varlen"
@@ -47,9 +50,7 @@ LLAMA_1B = {  # Llama-3.2-1B's shape (random weights: throughput does not depend
 
 def gpu_goal() -> float:
     """The packed/padded tokens/s goal of bench/gates.json (recorded by gpu_check.py, not a CI gate)."""
-    from mftcore.benchmarks import load_gates
-
-    return load_gates(os.path.join(ROOT, "bench"))["train_step"]["packed_over_padded_tokens_per_s_gpu"]["min"]
+    return common.load_gates()["train_step"]["packed_over_padded_tokens_per_s_gpu"]["min"]
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,7 @@ def cpu_results(config_path: str | None = None, repeats: int = 3, max_samples: i
         result = cpu_compare(config_path, repeats, max_samples)
     finally:
         torch.set_num_threads(previous)
-    from mftcore.benchmarks import device_slug
-
-    result.update({"device": device_slug("cpu"), "data": "examples/data (train split)", "torch": torch.__version__,
-                   "threads": threads, "load_average_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")})
+    result.update({**common.machine_record("cpu"), "data": "examples/data (train split)", "threads": threads})
     return result
 
 
@@ -266,45 +264,29 @@ def gpu_benchmarks(device="cuda", model_config=None, n_samples: int = 256, seq_l
     return result
 
 
-# --- pytest-benchmark (run explicitly: pytest bench/bench_train_step.py) ---
-# A round is a model build and one epoch of the training split on one thread, without warm-up steps
-# (packed warm-up steps are 5x the tokens of padded ones: they would tilt a whole-call timing).
-
-def _bench_cpu(benchmark, mode: Mode):
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as cache:
-        cfg, data, tokenizer = example_samples(os.path.join(ROOT, "configs", "tiny.json"), cache)
-        kwargs = dict(vocab_size=len(tokenizer), pad_id=tokenizer.eos_token_id, seq_length=cfg.seq_length,
-                      batch_size=cfg.per_device_train_batch_size, num_tasks=len(data.names), warmup_steps=0)
-        result = benchmark.pedantic(run_mode, args=(mode, cfg.model_config, list(data.train)), kwargs=kwargs,
-                                    rounds=3, iterations=1)
-    benchmark.group = "train step, tiny model, one epoch of the sample data"
-    benchmark.extra_info.update({k: result[k] for k in ("tokens", "tokens_per_s", "padding_fraction")})
+# ---------------------------------------------------------------------------------- the script
+def run(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return {**gpu_benchmarks(n_samples=64 if quick else 256), **common.machine_record("cuda")}
+    return cpu_results(repeats=1 if quick else 3, max_samples=64 if quick else None)
 
 
-def test_cpu_packed_fused(benchmark):
-    _bench_cpu(benchmark, MODES[0])
+def check_gates(result: dict) -> None:
+    """None: the GPU goal of gates.json is recorded (result["goals"], gpu_check.py), not a gate yet."""
+    return None
 
 
-def test_cpu_padded_eager(benchmark):
-    _bench_cpu(benchmark, MODES[1])
+def table(result: dict) -> str:
+    if result["device"].startswith("cpu-"):
+        title = "train step, the tiny model of configs/tiny.json on the sample data, CPU fp32, one thread"
+    else:
+        title = f"train step, {result['model']['num_hidden_layers']}-layer Llama, bf16, seq_length 4096"
+    return "\n".join([title, common.format_table(table_rows(result)),
+                      f"packed_fused / padded_eager: {result['speedup']:.2f}x trained tokens/s"])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["cpu", "gpu"])
-    parser.add_argument("--write", action="store_true", help="save under bench/results/<device>-train_step.json")
-    parser.add_argument("--repeats", type=int, default=3, help="CPU: alternating runs of both modes, best counts")
-    args = parser.parse_args(argv)
-    from mftcore.benchmarks import device_slug, format_table, write_json
-
-    result = cpu_results(repeats=args.repeats) if args.what == "cpu" else gpu_benchmarks()
-    print(format_table(table_rows(result)))
-    print(f"packed_fused / padded_eager: {result['speedup']:.2f}x tokens/s")
-    if args.write:
-        name = device_slug("cpu" if args.what == "cpu" else "cuda")
-        write_json(os.path.join(ROOT, "bench", "results", f"{name}-train_step.json"), result)
-    return 0
+    return common.run_script("train_step", run, table, check_gates, argv, __doc__)
 
 
 if __name__ == "__main__":

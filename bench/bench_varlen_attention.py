@@ -10,19 +10,24 @@ GPU part, called by bench/gpu_check.py (plain functions returning dicts):
 TFLOP/s count 4 * sum(L_i^2) * H * D for the forward (halved when causal) and 2.5x that for the backward;
 the backward time is (forward + backward) - forward. Medians of triton.testing.do_bench on random data.
 
-CPU part: `python bench/bench_varlen_attention.py` times the reference (SDPA per document) against one
-SDPA call with a dense block-diagonal mask on small shapes (2048 tokens, 8/2 heads, head dim 64, one
-thread): 10 ms vs 290 ms for 28 documents of 16-128 tokens, 93 ms vs 300 ms for 3 of 128-1024.
+    python bench/bench_varlen_attention.py [--device cpu|cuda] [--quick] [--json PATH]
+    mftcore bench varlen_attention [--device cpu|cuda] [--quick] [--json PATH]        # the same
+
+CPU part (--device cpu): the reference (SDPA per document) against one SDPA call with a dense
+block-diagonal mask on small shapes (2048 tokens, 8/2 heads, head dim 64, one thread): 10 ms vs
+290 ms for 28 documents of 16-128 tokens, 93 ms vs 300 ms for 3 of 128-1024.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
+import sys
 import time
 
 import torch
 
+import common
 from mftcore.kernels import varlen_attention
 from mftcore.kernels.varlen_attention import varlen_attention_reference
 
@@ -232,11 +237,34 @@ def cpu_benchmarks(total=2048, heads=(8, 2), head_dim=64) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    import json
+# ---------------------------------------------------------------------------------- the script
+def run(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return {**gpu_benchmarks(totals=(8192,) if quick else (8192, 16384)), **common.machine_record("cuda")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared cores, threaded timings measure the neighbours, not the code
+    try:
+        return {"threads": 1, "rows": cpu_benchmarks(total=512 if quick else 2048), **common.machine_record("cpu")}
+    finally:
+        torch.set_num_threads(threads)
 
-    if torch.cuda.is_available():
-        print(json.dumps({"correctness": gpu_correctness(), "benchmarks": gpu_benchmarks()}, indent=1))
-    else:
-        torch.set_num_threads(1)  # on 2 shared cores, threaded timings measure the neighbours, not the code
-        print(json.dumps(cpu_benchmarks(), indent=1))
+
+def check_gates(result: dict) -> None:
+    """None: gates.json has no section for it; on a GPU the rows record the issue's goals (gate_* keys)."""
+    return None
+
+
+def table(result: dict) -> str:
+    if "shapes" in result:
+        return "\n".join(["varlen attention, bf16, causal, GQA 32/8 heads, head dim 128",
+                          common.format_table(result["shapes"])])
+    return "\n".join(["varlen attention reference (SDPA per document) vs one SDPA call with a dense mask, CPU fp32, "
+                      "one thread", common.format_table(result["rows"])])
+
+
+def main(argv=None) -> int:
+    return common.run_script("varlen_attention", run, table, check_gates, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

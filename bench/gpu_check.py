@@ -15,9 +15,10 @@ stage timed and recorded as ok / failed / error / timeout / skipped (with the re
   pytest_gpu    `pytest -m gpu tests` in a subprocess: every GPU-marked test, counted from its JUnit XML
   CHECKS        each bench module's gpu_correctness() and gpu_benchmarks(), and the end-to-end train
                 step (bench_train_step.gpu_benchmarks); a module this build lacks is skipped
-The file is <results-dir>/<device>.json, e.g. nvidia-h200.json (torch.cuda.get_device_name, as a file
-name), rewritten after every stage, so a run cut short still leaves what it measured; commit it as
-bench/results/<device>.json. A stage that would pass the time budget (--budget-s, 450 s: 8 minutes less
+The file is <results-dir>/<device>/gpu_check.json, e.g. nvidia-h200/gpu_check.json (the device as
+bench/common.py's device_slug names it), rewritten after every stage, so a run cut short still leaves
+what it measured; commit it as bench/results/<device>/gpu_check.json, beside the files the benchmark
+scripts write there (<bench>.json). A stage that would pass the time budget (--budget-s, 450 s: 8 minutes less
 the install and the start-up) is skipped, one that runs past what is left is stopped. Exit code 1 if a
 stage failed, errored or timed out.
 
@@ -29,8 +30,9 @@ Liger row: here `echo /.whl/ >> .git/info/exclude; pip download --no-deps --only
 PYTHONPATH=/tmp/site;` before the command above. A carried package that fails there is an error row of
 its benchmark, not a crash.
 
---dry-run runs the same plumbing on the CPU with tiny shapes (tests/test_bench.py does, in CI); its file
-is dry-run-<cpu>.json. This script has never run on a GPU: the session that wrote it had none.
+--dry-run runs the same plumbing on the CPU with tiny shapes (tests/bench/test_bench.py does, in CI); its
+file is <results-dir>/<cpu>/gpu_check_dry_run.json. This script has never run on a GPU: the session that
+wrote it had none.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ from dataclasses import dataclass
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.append(ROOT)  # mftcore's pure-Python modules even before the install (the environment stage says so)
+
+import common  # noqa: E402 - bench/common.py, this script's neighbour (after the line above: it imports mftcore)
+
 BUILD_COMMAND = "python3 -m pip install --no-build-isolation --no-deps -e ."
 OPTIONAL = {"liger_kernel": "bench_cross_entropy's liger row", "flash_attn": "nothing measured here needs it",
             "bitsandbytes": "GPU tests of QLoRA, if any", "deepspeed": "GPU tests of ZeRO, if any"}
@@ -180,17 +185,6 @@ def run_pytest(targets: list, timeout_s: float) -> dict:
     return result
 
 
-def load_module(name: str):
-    path = os.path.join(BENCH, name + ".py")
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 class Run:
     """The stages run so far, the budget, and the results file rewritten after each stage."""
 
@@ -230,9 +224,7 @@ class Run:
         return entry
 
     def save(self) -> None:
-        from mftcore.benchmarks import write_json
-
-        write_json(self.path, self.record)
+        common.write_result(self.path, self.record)
 
 
 def free_device_memory() -> None:
@@ -246,16 +238,16 @@ def free_device_memory() -> None:
 
 
 def results_path(results_dir: str, dry_run: bool) -> str:
-    from mftcore.benchmarks import device_slug
-
-    name = f"dry-run-{device_slug('cpu')}" if dry_run else device_slug("cuda")
-    return os.path.join(results_dir, name + ".json")
+    """<results-dir>/<device>/gpu_check.json; a dry run's under the CPU's name, as gpu_check_dry_run.json."""
+    if dry_run:
+        return common.results_path("gpu_check_dry_run", common.device_slug("cpu"), results_dir)
+    return common.results_path("gpu_check", common.device_slug("cuda"), results_dir)
 
 
 def call_check(check: Check, dry_run: bool):
     def call() -> dict:  # imported inside the stage: a module that fails to import is that stage's error
         kwargs = dry_run_kwargs().get((check.module, check.function), {}) if dry_run else {}
-        return as_record(getattr(load_module(check.module), check.function)(**kwargs))
+        return as_record(getattr(importlib.import_module(check.module), check.function)(**kwargs))
     return call
 
 
@@ -288,7 +280,7 @@ def summary_lines(record: dict) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=os.path.join(BENCH, "results"), help="where <device>.json goes")
+    parser.add_argument("--results-dir", default=common.RESULTS, help="where <device>/gpu_check.json goes")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting stages after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the plumbing, not the numbers")
     parser.add_argument("--pytest-args", nargs="*", default=["tests"], help="what pytest -m gpu collects")

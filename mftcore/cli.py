@@ -73,15 +73,16 @@ def add_export_parser(sub) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    from mftcore.benchmarks import BENCHMARKS
+    from mftcore.commands.bench import BENCHMARKS
 
     p = sub.add_parser("bench", help="run one benchmark of bench/ and print its table",
-                       description="Runs from a checkout (bench/ beside the mftcore package) or with "
-                                   "MFTCORE_BENCH_DIR set; exit code 1 if one of its gates failed.")
+                       description="Runs bench/bench_NAME.py of the checkout (bench/ beside the mftcore package) or "
+                                   "of MFTCORE_BENCH_DIR; exit code 1 if one of its gates failed.")
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds, not the numbers")
-    p.add_argument("--json", dest="out", metavar="PATH", help="also write the full results here")
+    p.add_argument("--json", dest="out", metavar="PATH",
+                   help="write the full results here (default without --quick: bench/results/<device>/NAME.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +146,7 @@ def run(args) -> int:
 
         print(export_checkpoint(args.checkpoint, args.out))
     elif args.command == "bench":
-        from mftcore.benchmarks import run_benchmark
+        from mftcore.commands.bench import run_benchmark
 
         return run_benchmark(args.name, args.device, args.quick, args.out)
     return 0

@@ -14,7 +14,7 @@ LAYERS = [
     ("model",),
     ("loss", "weighting", "metrics", "optim", "parallel"),
     ("config", "evaluate", "checkpoint"),
-    ("train", "commands", "benchmarks"),
+    ("train", "commands"),
     ("cli", "__main__", "__init__"),
 ]
 

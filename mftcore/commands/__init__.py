@@ -1,0 +1,1 @@
+"""User commands built on the library (`mftcore bench`, ...): cli.py parses, these do the work."""

@@ -1,22 +1,28 @@
-"""`mftcore bench`, the end-to-end train-step benchmark, and bench/gpu_check.py's plumbing, on the CPU.
+"""`mftcore bench` (a runner of bench/bench_NAME.py), the end-to-end train-step benchmark, and
+bench/gpu_check.py's plumbing, on the CPU.
 
 gpu_check.py runs here with --dry-run (tiny shapes, CPU paths): the same stages, records and results file
-as on a GPU, so what a GPU session will run is exercised in CI. The gates themselves: test_gates.py.
+as on a GPU, so what a GPU session will run is exercised in CI. The gates themselves: test_gates.py;
+the shared helpers of bench/common.py: test_common.py.
 """
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from tests.helpers.paths import ROOT
-from mftcore.benchmarks import device_slug, format_table, load_bench_module, slug
 from mftcore.cli import main
+from mftcore.commands.bench import BENCHMARKS
+from tests.bench.scripts import BENCH, bench_script
+from tests.helpers.paths import ROOT
 
-train_step = load_bench_module("bench_train_step")
-gpu_check = load_bench_module("gpu_check")
+common = bench_script("common")
+train_step = bench_script("bench_train_step")
+gpu_check = bench_script("gpu_check")
 MICRO_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
@@ -54,55 +60,107 @@ def test_synthetic_samples_look_like_chat_data():
     assert {s.task_id for s in samples} == {0, 1, 2}
 
 
-def test_bench_train_step_prints_a_table_and_writes_json(tmp_path, capsys):
+# ------------------------------------------------------------------ mftcore bench: the scripts, run by the CLI
+def test_bench_train_step_prints_a_table_and_writes_json(tmp_path, capfd):
     out = tmp_path / "train_step.json"
     assert main(["bench", "train_step", "--quick", "--device", "cpu", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
+    text = capfd.readouterr().out
     assert "packed_fused" in text and "padded_eager" in text and "tokens_per_s" in text
     assert "x trained tokens/s" in text and "gates: not checked with --quick" in text
     record = json.loads(out.read_text())
-    assert record["same_tokens"] and record["threads"] == 1 and record["device"] == device_slug("cpu")
+    assert record["same_tokens"] and record["threads"] == 1 and record["device"] == common.device_slug("cpu")
     assert [r["mode"] for r in record["rows"]] == ["packed_fused", "padded_eager"]
 
 
-def test_bench_packing_and_cross_entropy_print_their_tables(capsys):
+def test_bench_packing_and_cross_entropy_print_their_tables(capfd):
     assert main(["bench", "packing", "--quick"]) == 0
-    text = capsys.readouterr().out
+    text = capfd.readouterr().out
     assert "C++ BFD" in text and "vs a plain per-sample Python loop" in text and "same ids: True" in text
     assert main(["bench", "cross_entropy", "--quick", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
+    text = capfd.readouterr().out
     assert "peak_extra_mb" in text and "mftcore" in text and "naive / chunked peak memory" in text
 
 
-def test_a_benchmark_this_build_lacks_says_so(tmp_path, monkeypatch, capsys):
-    """Until issue 5 is merged there is no bench_varlen_attention.py: the command says so, measures nothing."""
-    (tmp_path / "gates.json").write_text("{}")
+def test_the_command_runs_the_script_with_the_standard_flags_and_returns_its_exit_code(tmp_path, monkeypatch, capfd):
+    """The command knows no script's internals: it passes --device/--quick/--json and hands back the exit code."""
+    (tmp_path / "common.py").write_text("")
+    (tmp_path / "bench_packing.py").write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\nsys.exit(3)\n")
+    monkeypatch.setenv("MFTCORE_BENCH_DIR", str(tmp_path))
+    assert main(["bench", "packing", "--quick", "--json", "out.json"]) == 3
+    assert json.loads(capfd.readouterr().out) == ["--device", "auto", "--quick", "--json", "out.json"]
+    assert main(["bench", "packing", "--device", "cpu"]) == 3
+    assert json.loads(capfd.readouterr().out) == ["--device", "cpu"]
+
+
+def test_a_benchmark_this_build_lacks_says_so(tmp_path, monkeypatch, capfd):
+    """A checkout whose bench/ lacks bench_varlen_attention.py: the command says so in one line, runs nothing."""
+    (tmp_path / "common.py").write_text("")
     monkeypatch.setenv("MFTCORE_BENCH_DIR", str(tmp_path))
     assert main(["bench", "varlen_attention"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert err.startswith("mftcore: error: bench varlen_attention: not available in this build")
     assert "bench_varlen_attention.py" in err and len(err.splitlines()) == 1
 
 
-def test_bench_without_a_checkout_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+def test_bench_without_a_checkout_is_a_one_line_error(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MFTCORE_BENCH_DIR", str(tmp_path / "nowhere"))
     assert main(["bench", "packing"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert "no benchmarks here" in err and "MFTCORE_BENCH_DIR" in err and len(err.splitlines()) == 1
 
 
-def test_results_names_and_tables():
-    assert slug("NVIDIA H200") == "nvidia-h200" and slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert device_slug("cpu").startswith("cpu-") and device_slug("cpu").endswith(f"-{os.cpu_count()}cores")
-    table = format_table([{"impl": "a", "ms": 1.23456, "x": {"y": 2}}, {"impl": "bb", "ms": 10.0}]).splitlines()
-    assert table[0].split() == ["impl", "ms", "x.y"] and table[1].split() == ["a", "1.235", "2"]
-    assert len({len(line) for line in table}) == 1  # aligned
+def test_the_command_knows_every_script_of_the_checkout():
+    scripts = sorted(f[len("bench_"):-len(".py")] for f in os.listdir(BENCH) if f.startswith("bench_")
+                     and f.endswith(".py"))
+    assert scripts == sorted(BENCHMARKS)
+    for name in BENCHMARKS:  # each is a script as common.run_script expects
+        module = bench_script(f"bench_{name}")
+        assert all(callable(getattr(module, f, None)) for f in ("run", "table", "check_gates", "main")), name
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "varlen_attention", "train_step"])
+def test_a_gpu_run_is_filed_under_the_device_slug(name, monkeypatch):
+    """What a GPU function records as "device" (varlen's: the CUDA name) must not become the directory name."""
+    module = bench_script(f"bench_{name}")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(module, "gpu_benchmarks", lambda **kwargs: {"device": "NVIDIA H200", "kwargs": kwargs})
+    result = module.run("cuda", quick=True)
+    assert result["device"] == "nvidia-h200" and result["device_name"] == "NVIDIA H200" and result["kwargs"]
+
+
+def test_the_tables_of_gpu_results_print(one_thread):
+    """The GPU branch of each table(), on results shaped as the GPU functions return them (run on the CPU
+    where they can: no CI machine has a GPU)."""
+    ce = bench_script("bench_cross_entropy")
+    result = ce.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=gpu_check.cpu_timer, peak=None,
+                               sweep=False)
+    text = ce.table({**result, "device": "nvidia-h200"})
+    assert "N=64 H=32 V=100 float32" in text and "effective_tflops" in text and "tflops>=600" in text
+    va = bench_script("bench_varlen_attention")
+    row = {"total_tokens": 8192, "documents": 5, "max_len": 4096, "fwd_vs_varlen_attn": 0.95,
+           "backends": {"mftcore": {"fwd_ms": 1.0, "bwd_ms": 2.0}, "flex": {"error": "RuntimeError: x"}}}
+    text = va.table({"device": "nvidia-h200", "shapes": [row]})
+    assert "backends.mftcore.fwd_ms" in text and "backends.flex.error" in text and "0.95" in text
+    samples = train_step.synthetic_samples(8, 64, vocab_size=97, seed=0, mean=30)
+    result = train_step.compare(MICRO_LLAMA, samples, vocab_size=97, pad_id=0, seq_length=64, batch_size=2,
+                                num_tasks=3, warmup_steps=0)
+    text = train_step.table({**result, "device": "nvidia-h200", "model": {**MICRO_LLAMA, "vocab_size": 97}})
+    assert text.startswith("train step, 2-layer Llama, bf16") and "x trained tokens/s" in text
+
+
+def test_bench_scripts_run_as_scripts_from_anywhere(tmp_path):
+    """`python bench/bench_<name>.py --help` from another directory: the script finds its neighbour common.py."""
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_varlen_attention.py"), "--help"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--device {auto,cpu,cuda}" in proc.stdout and "--quick" in proc.stdout and "--json PATH" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------- gpu_check
 def test_gpu_check_dry_run_runs_every_stage_and_writes_the_results(tmp_path):
     rc = gpu_check.main(["--dry-run", "--results-dir", str(tmp_path), "--pytest-args",
                          "tests/bench/test_bench_cross_entropy.py"])
-    path = tmp_path / f"dry-run-{device_slug('cpu')}.json"
+    path = tmp_path / common.device_slug("cpu") / "gpu_check_dry_run.json"
     record = json.loads(path.read_text())
     stages = {s["stage"]: s for s in record["stages"]}
     assert rc == 0, [s for s in record["stages"] if s["status"] not in ("ok", "skipped")]
@@ -114,6 +172,11 @@ def test_gpu_check_dry_run_runs_every_stage_and_writes_the_results(tmp_path):
     assert stages["bench_train_step.gpu_benchmarks"]["result"]["same_tokens"]
     for s in record["stages"]:
         assert s["status"] == "ok" or (s["status"] == "skipped" and s["reason"]), s
+
+
+def test_gpu_check_writes_under_the_results_scheme(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert gpu_check.results_path(str(tmp_path), dry_run=False) == str(tmp_path / "nvidia-h200" / "gpu_check.json")
 
 
 def test_gpu_check_records_failures_timeouts_and_the_budget(tmp_path):

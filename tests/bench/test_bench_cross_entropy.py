@@ -1,19 +1,14 @@
 """The GPU benchmark's helpers, run on CPU with tiny shapes: what bench/gpu_check.py will call must work."""
 
-import importlib.util
-import os
 import time
 
 import pytest
 import torch
 
 from mftcore.kernels import cross_entropy as ce
-from tests.helpers.paths import ROOT
+from tests.bench.scripts import bench_script
 
-PATH = os.path.join(ROOT, "bench", "bench_cross_entropy.py")
-spec = importlib.util.spec_from_file_location("bench_cross_entropy", PATH)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = bench_script("bench_cross_entropy")
 
 
 def wall_timer(fn, grad_to_none):

@@ -7,7 +7,7 @@ arguments with the JIT's own binder (same signature, constexprs and divisibility
 launch) and compiles for a GPUTarget: PTX and cubin come out here, and the cuobjdump in Triton's wheel
 gives SASS and the resource usage (registers, spills).
 
-    python tests/compile_check.py     # prints the varlen attention table (bench/results/ keeps a copy)
+    python -m tests.helpers.compile_check   # prints the varlen attention table (bench/results/ keeps a copy)
 """
 
 from __future__ import annotations
