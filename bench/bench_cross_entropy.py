@@ -110,7 +110,7 @@ def gpu_correctness(device="cuda", dtypes=(torch.bfloat16, torch.float16), cases
                      and all(row[k] < 3e-2 for k in row if k.startswith("grad_")))
         ok &= row["ok"]
         rows.append(row)
-    return {"ok": ok, "cases": rows, "triton_path": ce.uses_triton(torch.empty(1, device=device))}
+    return {"ok": ok, "cases": rows, "triton_path": ce.uses_triton(torch.empty(1, device=device), cuda_dtypes=ce.ANY_DTYPE)}
 
 
 def do_bench_median(fn, grad_to_none) -> float:

@@ -68,7 +68,7 @@ def build_model(model_config: dict, vocab_size: int, attn: str, dtype, device, s
     """A randomly initialised HF causal LM from a config dict, created on `device` in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import mftcore.model  # noqa: F401 - registers mftcore's attention backends with transformers
+    import mftcore.model.attention  # noqa: F401 - registers mftcore_varlen with transformers
 
     spec = dict(model_config)
     spec.setdefault("vocab_size", vocab_size)
@@ -99,7 +99,7 @@ def example_samples(config_path: str, cache_dir: str):
     """The sample data of the quick start, through `prepare` (the training split of configs/tiny.json)."""
     from mftcore.config import TrainConfig
     from mftcore.data import load_tasks
-    from mftcore.model import load_tokenizer
+    from mftcore.model.load import load_tokenizer
 
     old = os.getcwd()
     os.chdir(ROOT)  # the config's paths are relative to the checkout
@@ -124,7 +124,7 @@ def eager_loss(model, batch, num_tasks: int, token_scale):
 
 
 def fused_loss(model, batch, num_tasks: int, token_scale):
-    from mftcore.train import batch_loss
+    from mftcore.model.loss_model import batch_loss
 
     out = batch_loss(model, batch, num_tasks, reduction="sum", token_scale=token_scale)
     return out.loss, out.task_loss_sum

@@ -29,7 +29,7 @@ import torch
 
 import common
 from mftcore.kernels import varlen_attention
-from mftcore.kernels.varlen_attention import varlen_attention_reference
+from mftcore.kernels.varlen_attention_reference import varlen_attention_reference
 
 # ------------------------------------------------------------------------------- helpers (CPU-tested)
 
