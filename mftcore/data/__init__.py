@@ -16,10 +16,10 @@ from mftcore.data.dataset import (
                                   load_tasks,
                                   micro_batches,
                                   report_lines,
-                                  show_samples,
 )
 from mftcore.data.loader import StepLoader
 from mftcore.data.render import Segment, render_prompt, render_record, tokenize_segments
+from mftcore.data.show import show_samples
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "collate_packed", "collate_padded", "shift_labels", "Sample", "SampleView", "TaskData",

@@ -180,7 +180,8 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
     with atomic_dir(path, replace=False, owned=True) as tmp:
         lengths, task_ids, sources = [], [], []
         # On a terminal only (tqdm's disable=None), so that logs and error output stay one line each.
-        bar = tqdm(total=sum(os.path.getsize(f) if isinstance(f, str) else f.nbytes for _, f in files), unit="B", unit_scale=True, desc="tokenize",
+        total = sum(os.path.getsize(f) if isinstance(f, str) else f.nbytes for _, f in files)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize",
                    disable=None if progress else True, file=sys.stderr, dynamic_ncols=True)
         with bar, open(os.path.join(tmp, "input_ids.bin"), "wb") as f_ids, \
                 open(os.path.join(tmp, "loss_mask.bin"), "wb") as f_mask:
