@@ -139,11 +139,19 @@ class DatasetSource:
     def location(self, row: int) -> str:
         return f"{self.name}: {'index' if self.kind == 'hub' else 'row'} {row}"
 
+    def stamp(self) -> tuple:
+        """Size and mtime of what a local source reads: a rewritten file is opened afresh."""
+        if self.kind == "hub":
+            return ()
+        paths = [self.ref] if self.kind == "file" else [os.path.join(self.ref, n) for n in sorted(os.listdir(self.ref))]
+        return tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
+
     @property
     def dataset(self):
-        ds = _OPEN.get(self.ident)
+        key = (self.ident, self.stamp())
+        ds = _OPEN.get(key)
         if ds is None:
-            ds = _OPEN[self.ident] = self.open()
+            ds = _OPEN[key] = self.open()
         return ds
 
     def open(self):
