@@ -101,8 +101,9 @@ def stop_token_ids(tokenizer, chat_format: str | None) -> list:
 
 def set_stop_tokens(model, tokenizer, chat_format: str | None) -> None:
     """generation_config.eos_token_id of the saved model: plain `model.generate` stops where training ended
-    each turn (transformers reads a list of ids)."""
+    each turn (the tokenizer's EOS, and the template's end-of-turn ids; transformers reads a list). A model
+    built from a config alone would otherwise keep its architecture's default id."""
     config = getattr(model, "generation_config", None)
     ids = stop_token_ids(tokenizer, chat_format)
-    if config is not None and len(ids) > 1:
-        config.eos_token_id = ids
+    if config is not None:
+        config.eos_token_id = ids if len(ids) > 1 else ids[0]
