@@ -211,7 +211,11 @@ class DatasetSource:
 
     def read(self, start: int, stop: int) -> list:
         """Rows [start, stop) as records; null cells left out (a dataset row holds every column)."""
-        table = self.dataset.with_format("arrow")[start:stop]
+        key = (self.ident, self.stamp(), "arrow")
+        formatted = _OPEN.get(key)
+        if formatted is None:  # formatting makes a new Dataset object: once per process, not per slice
+            formatted = _OPEN[key] = self.dataset.with_format("arrow")
+        table = formatted[start:stop]
         return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
 
 
