@@ -180,9 +180,11 @@ class DatasetSource:
         except DataError:
             raise
         except Exception as e:  # datasets raises many types; the user needs the one line
-            what = "a Hub dataset (offline: only from the local cache)" if self.kind == "hub" else "a dataset"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"{self.name}: cannot be read as {what}: {reason}") from None
+            if self.kind == "hub":
+                raise DataError(f"{self.name}: not a local path, and datasets cannot load it as a Hub dataset "
+                                f"(offline, only from the local cache): {reason}") from None
+            raise DataError(f"{self.name}: cannot be read as a dataset: {reason}") from None
         if isinstance(ds, datasets.IterableDataset) or not hasattr(ds, "column_names"):
             raise DataError(f"{self.name}: not a map-style dataset")
         check_mapping(self.columns, list(ds.column_names), self.name)

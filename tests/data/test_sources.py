@@ -82,7 +82,8 @@ def test_hub_dataset_from_the_offline_cache_with_subset_and_split(tmp_path, toke
                                                        "split": "validation"}]), tokenizer)
     assert data.names == ["tiny-chat", "tiny-code"]
     assert (data.report["tiny-chat"]["samples"], data.report["tiny-code"]["samples"]) == (4, 3)
-    with pytest.raises(DataError, match=r"^acme/missing\[train\]: cannot be read as a Hub dataset \(offline"):
+    with pytest.raises(DataError, match=r"^acme/missing\[train\]: not a local path, and datasets cannot load it as "
+                                        r"a Hub dataset \(offline"):
         load(make_cfg(tmp_path, ["acme/missing"]), tokenizer)
 
 

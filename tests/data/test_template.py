@@ -202,3 +202,20 @@ def test_fallback_without_offsets_splits_at_the_spans():
     start = text.index("ab")
     (ids, mask), = tokenize_template_texts(Slow(), [TemplateText(text, ((start, start + 12),))])
     assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "ab<|im_end|>"
+
+
+def test_prepare_show_marks_the_trained_spans(tmp_path, capsys):
+    from mftcore.cli import main
+
+    data = tmp_path / "t"
+    data.mkdir()
+    (data / "x.jsonl").write_text(json.dumps(chat(Q1, A1, system=SYSTEM)) + "\n")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"data_paths": [str(data)], "tokenizer_path": os.path.join(FORMATS, "chatml"),
+                               "model_config": {"model_type": "llama"}, "output_dir": str(tmp_path / "o"),
+                               "chat_template": "model"}))
+    assert main(["prepare", str(cfg), "--show", "1"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["marked"] == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{Q1}<|im_end|>\n"
+                             f"<|im_start|>assistant\n⟦{A1}<|im_end|>⟧\n")
+    assert row["text"] == row["marked"].replace("⟦", "").replace("⟧", "")
