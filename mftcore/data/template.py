@@ -87,7 +87,10 @@ class ChatTemplate:
             raise RenderError("the conversation has no assistant turn to train on")
         if self.markers:
             text, spans = self.render(messages, track=True)
-            return [TemplateText(text, tuple(s for s in spans if s[1] > s[0]))]
+            spans = tuple(s for s in spans if s[1] > s[0])
+            if not spans:
+                raise RenderError("the chat template's {% generation %} blocks mark nothing in this conversation")
+            return [TemplateText(text, spans)]
         full = self.render(messages)
         spans = []
         for i in turns:
