@@ -7,8 +7,10 @@ rows are cut into global micro-batches. Either way each rank takes its slice of 
 micro-batch, so every sample is used exactly once per epoch across ranks, and a sample keeps its
 own task id wherever it lands; a rank whose slice of the last one is empty gets a placeholder batch
 without loss tokens, so that all ranks run the same micro-batches in every step. A step is
-`gradient_accumulation_steps` micro-batches and never spans two epochs. The position (epoch, step
-within the epoch) is the whole state:
+`gradient_accumulation_steps` micro-batches and never spans two epochs. With per-task sampling
+(`mixture`, mftcore/data/sampling.py) an epoch's order is its seeded draws instead of a permutation, a
+function of (seed, epoch) too; packed, the number of rows (so of steps) then varies from epoch to epoch,
+which `steps_per_epoch(epoch)` counts. The position (epoch, step within the epoch) is the whole state:
 `state_dict()` / `load_state_dict()` continue from exactly the next step.
 
 `Prefetcher` runs `StepLoader.steps()` one step ahead in a background thread, so that collating the
