@@ -23,6 +23,7 @@ tests/bench/test_gates.py runs the same throughput comparison in process CPU tim
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -119,7 +120,7 @@ def measure_throughput(copies: int = 30, rounds: int = 3, clock="wall", max_roun
         start = tick()
         DatasetSource("file", os.path.join(cold, "data.parquet"), None, None, None).dataset
         open_cold = tick() - start
-        builds = iter(range(2 * rounds))
+        builds = itertools.count()
 
         def prepare(path):
             def run():
