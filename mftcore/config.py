@@ -366,7 +366,8 @@ def check_data_options(cfg: TrainConfig, source: str) -> None:
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
             raise ConfigError(f"{source}: {key}: rates must be numbers in [0, 1], got {value!r}")
     if cfg.fim_tokens is not None and (len(cfg.fim_tokens) != 3 or not all(cfg.fim_tokens)):
-        raise ConfigError(f"{source}: fim_tokens: expected [prefix, suffix, middle] token strings, got {cfg.fim_tokens}")
+        raise ConfigError(f"{source}: fim_tokens: expected [prefix, suffix, middle] token strings, "
+                          f"got {cfg.fim_tokens}")
 
 
 # --- types from the annotations --------------------------------------------------------------------

@@ -24,7 +24,8 @@ def trained(tmp_path_factory):
     that the end-of-turn token <|im_end|> is a stop token of its own."""
     out = tmp_path_factory.mktemp("chatml") / "out"
     cfg = TrainConfig.from_dict({"data_paths": DATA, "tokenizer_path": CHATML, "model_config": TINY_MODEL,
-                                 "chat_template": "model", "eos_token": "<|endoftext|>", "seq_length": 256, "data_split": "98,2,0",
+                                 "chat_template": "model", "eos_token": "<|endoftext|>", "seq_length": 256,
+                                 "data_split": "98,2,0",
                                  "per_device_train_batch_size": 4, "max_train_steps": 2, "log_interval": 1,
                                  "evaluation_steps": 0, "checkpointing_steps": 0, "output_dir": str(out),
                                  "learning_rate": 1e-3, "min_lr": 1e-4, "num_warmup_steps": 1})
@@ -37,7 +38,7 @@ def test_final_keeps_the_model_template_and_stops_at_its_end_of_turn(trained):
     assert AutoTokenizer.from_pretrained(final).chat_template == source
     tokenizer = AutoTokenizer.from_pretrained(final)
     eos_ids = json.load(open(os.path.join(final, "generation_config.json")))["eos_token_id"]
-    assert eos_ids == [tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert eos_ids == [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
     assert json.load(open(os.path.join(final, "mftcore_config.json")))["chat_template"] == "model"
 
 

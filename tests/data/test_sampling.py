@@ -18,7 +18,8 @@ def test_probabilities():
     np.testing.assert_allclose(task_probabilities(counts, temperature=1), [0.1, 0.3, 0.6])
     p = np.sqrt(counts) / np.sqrt(counts).sum()
     np.testing.assert_allclose(task_probabilities(counts, temperature=2), p)
-    np.testing.assert_allclose(task_probabilities(counts, [2, 1, 1], temperature=2), p * [2, 1, 1] / (p * [2, 1, 1]).sum())
+    weighted = p * [2, 1, 1]
+    np.testing.assert_allclose(task_probabilities(counts, [2, 1, 1], temperature=2), weighted / weighted.sum())
     np.testing.assert_allclose(task_probabilities([0, 10], [1, 1]), [0, 1])  # no samples, no draws
     assert draws_per_task(10, [0.25, 0.25, 0.5]).tolist() == [3, 2, 5]  # 2.5, 2.5: the first remainder wins
     assert draws_per_task(7, [1 / 3] * 3).sum() == 7
