@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 from mftcore import mftcoder
 from mftcore.data.render import DEFAULT_ROLE_MARKERS
+from mftcore.data.sources import task_spec
 from mftcore.errors import ConfigError
 from mftcore.io import read_json_object
 from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
@@ -28,8 +29,8 @@ from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
 @dataclass
 class TrainConfig:
     # --- data ---
-    data_paths: Optional[list[str]] = None
-    """Task directories, one task each: a JSON list, or MFTCoder's "[a,b]" string."""
+    data_paths: Optional[list[Union[str, dict]]] = None
+    """Tasks, one per entry (a JSON list, or MFTCoder's "[a,b]" string): a directory or file of .jsonl/.json/.parquet/.arrow/.csv, a save_to_disk directory, a Hub dataset name, or {"path", "split", "subset", "columns"}."""
     output_dir: str = "output"
     """Where checkpoints, the final model and metrics.jsonl go."""
     tb_dir: Optional[str] = None
@@ -54,6 +55,18 @@ class TrainConfig:
     """mftcore: where `prepare` keeps the tokenized data (default: mftcore_cache next to output_dir)."""
     tokenize_workers: int = 0
     """mftcore: processes that tokenize the data (0: one per CPU, at most 8)."""
+    chat_template: Optional[str] = None
+    """mftcore: null or "mftcoder": MFTCoder's training string (role_markers); "model": the tokenizer's own chat template, trained on assistant turns and their end-of-turn tokens."""
+    data_weights: Optional[list] = None
+    """Per-task sampling proportions in data_paths order (a list or "[1,2]" string): task t is drawn with p_t = w_t / sum(w), times n_t^(1/T) with sampling_temperature; null = every sample once per epoch."""
+    sampling_temperature: Optional[float] = None
+    """mftcore: draw task t with p_t proportional to n_t^(1/T) (n_t: its training samples; 1 = natural, larger = flatter); an epoch is as many draws as training samples."""
+    fim_rate: Union[float, list] = 0.0
+    """mftcore: fraction of plain-code (`text`) samples turned into fill-in-the-middle, one number or a list per task."""
+    fim_spm_rate: Union[float, list] = 0.0
+    """mftcore: fraction of the FIM samples in SPM order (suffix first) instead of PSM, one number or a list per task."""
+    fim_tokens: Optional[list[str]] = None
+    """mftcore: the tokenizer's FIM tokens [prefix, suffix, middle] (null: the model family's, or known spellings in the vocabulary)."""
 
     # --- model ---
     pretrained_model_path: Optional[str] = None
@@ -226,6 +239,7 @@ class TrainConfig:
                 self.task_weights = [float(w) for w in self.task_weights]
             except (TypeError, ValueError):
                 raise ConfigError(f"{source}: task_weights: expected numbers, got {self.task_weights}") from None
+        check_data_options(self, source)
         self.split_fractions(source)
         for key, broken, message in RULES:
             if broken(self):
@@ -291,6 +305,7 @@ CHOICES = {
     "peft_type": (None, "lora", "qlora"),
     # null / "auto": resolved when the model is built (mftcore/model/load.py)
     "attn_implementation": (None, "auto", "eager", "sdpa", "flash_attention_2", "mftcore_varlen"),
+    "chat_template": (None, "mftcoder", "model"),
 }
 
 ROLE_KEYS = ("system", "user", "assistant")
@@ -324,6 +339,35 @@ RULES = [
      lambda c: f"{next(k for k in ROLE_KEYS if not isinstance(c.role_markers[k], str))!r} must be a string"),
     ("eos_token", lambda c: c.eos_token == "", lambda c: "must be a non-empty token string or null, got ''"),
 ]
+
+
+def check_data_options(cfg: TrainConfig, source: str) -> None:
+    """data_paths entries, data_weights, sampling_temperature and the FIM keys (issue 17)."""
+    n = len(cfg.data_paths or [])
+    for entry in cfg.data_paths or []:
+        task_spec(entry, f"{source}: data_paths")
+    if cfg.data_weights is not None:
+        try:
+            cfg.data_weights = [float(w) for w in cfg.data_weights]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: data_weights: expected numbers, got {cfg.data_weights}") from None
+        if len(cfg.data_weights) != n:
+            raise ConfigError(f"{source}: data_weights: {len(cfg.data_weights)} weights for {n} data_paths")
+        if any(not (w >= 0) or math.isinf(w) for w in cfg.data_weights) or sum(cfg.data_weights) <= 0:
+            raise ConfigError(f"{source}: data_weights: weights must be finite, >= 0 and not all 0")
+    t = cfg.sampling_temperature
+    if t is not None and not (t > 0 and math.isfinite(t)):
+        raise ConfigError(f"{source}: sampling_temperature: must be a finite number > 0 or null, got {t!r}")
+    for key in ("fim_rate", "fim_spm_rate"):
+        value = getattr(cfg, key)
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) != n:
+            raise ConfigError(f"{source}: {key}: {len(value)} rates for {n} data_paths")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
+            raise ConfigError(f"{source}: {key}: rates must be numbers in [0, 1], got {value!r}")
+    if cfg.fim_tokens is not None and (len(cfg.fim_tokens) != 3 or not all(cfg.fim_tokens)):
+        raise ConfigError(f"{source}: fim_tokens: expected [prefix, suffix, middle] token strings, "
+                          f"got {cfg.fim_tokens}")
 
 
 # --- types from the annotations --------------------------------------------------------------------

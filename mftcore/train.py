@@ -27,13 +27,14 @@ from mftcore import checkpoint, parallel
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, load_tasks, report_lines
 from mftcore.data.loader import Prefetcher
+from mftcore.data.sampling import build_mixture
 from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
 from mftcore.io import remove_leftovers
 from mftcore.loss import loss_mode, step_token_scales
 from mftcore.metrics import Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb, step_flops
 from mftcore.model.build import build_model, compute_dtype
-from mftcore.model.chat_template import build_chat_template
+from mftcore.model.chat_template import set_stop_tokens, set_training_template
 from mftcore.model.decoder import causal_lm
 from mftcore.model.load import load_tokenizer
 from mftcore.model.loss_model import LossModel
@@ -79,7 +80,7 @@ def train_loop(run: "Run") -> str:
             if cfg.evaluation_steps and run.data.valid and (step % cfg.evaluation_steps == 0
                                                             or step == run.total_steps):
                 improved = log_evaluation(run, step, run.evaluate_valid())  # evaluate
-            epoch_end = run.position["step_in_epoch"] == run.loader.steps_per_epoch()
+            epoch_end = run.position["step_in_epoch"] == run.loader.steps_per_epoch(run.position["epoch"])
             if should_checkpoint(cfg, step, run.total_steps, epoch_end=epoch_end, improved=improved,
                                  stopping=bool(stopping) or state.early_stopped or run.diverged):
                 run.diverged |= count_skips(run, window.take_skips())  # the checkpoint counts every step
@@ -212,8 +213,9 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
                            make_optimizer=functools.partial(build_optimizer, cfg=cfg))
     loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
                         accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed, rank=env.rank,
-                        world_size=env.world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length)
-    total_steps = cfg.max_train_steps or cfg.num_train_epochs * loader.steps_per_epoch()
+                        world_size=env.world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length,
+                        mixture=build_mixture(cfg, data.train, K))
+    total_steps = cfg.max_train_steps or sum(loader.steps_per_epoch(e) for e in range(cfg.num_train_epochs))
     scheduler = build_scheduler(engine.optimizer, cfg, total_steps)
     weighting = build_weighting(cfg, K)
     sampler = ValidationSampler(data.valid, cfg.per_device_eval_batch_size, pad_id) if weighting else None
@@ -384,7 +386,8 @@ def stop_if_asked(run: Run, step: int, path: str, *, stopping: bool) -> None:
 
 def finish(run: Run) -> str:
     """final/: the model with a chat template that renders the training string; the best checkpoint named."""
-    run.tokenizer.chat_template = build_chat_template(run.cfg.role_markers)
+    set_training_template(run.tokenizer, run.cfg.chat_template, run.cfg.role_markers)
+    set_stop_tokens(causal_lm(run.engine.model), run.tokenizer, run.cfg.chat_template)
     final = checkpoint.save_final(run.cfg.output_dir, run.engine, run.tokenizer, run.cfg.to_dict())
     state = run.state
     if state.best_step is not None:

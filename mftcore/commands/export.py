@@ -14,7 +14,7 @@ from mftcore.config import TrainConfig
 from mftcore.errors import ConfigError
 from mftcore.io import CONFIG_FILE, STATE_FILE
 from mftcore.model.build import build_model
-from mftcore.model.chat_template import build_chat_template
+from mftcore.model.chat_template import set_training_template
 from mftcore.model.load import load_tokenizer
 from mftcore.parallel import engine_of_format
 
@@ -26,7 +26,7 @@ def export_checkpoint(path: str, out: str) -> str:
         raise ConfigError(f"export: {path}: no {CONFIG_FILE} (saved by an older mftcore); its weights are in place")
     cfg = TrainConfig.from_file(os.path.join(path, CONFIG_FILE))
     tokenizer = load_tokenizer(cfg)
-    tokenizer.chat_template = build_chat_template(cfg.role_markers)
+    set_training_template(tokenizer, cfg.chat_template, cfg.role_markers)
     model = build_model(cfg, len(tokenizer), torch.device("cpu"))
     fmt = read_state(path).get("format", "hf")
     try:

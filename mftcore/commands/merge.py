@@ -19,7 +19,7 @@ import torch
 from mftcore.errors import ConfigError
 from mftcore.io import CONFIG_FILE, atomic_dir, atomic_write_json, read_json_object
 from mftcore.mftcoder import check_model_type
-from mftcore.model.chat_template import build_chat_template, saved_role_markers
+from mftcore.model.chat_template import saved_chat_format, set_training_template
 from mftcore.model.families import check_model_matches, resolve_eos_token
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -72,14 +72,14 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     check_model_matches(model_type, config)
     tokenizer = load_merge_tokenizer(base, adapter, model_type, trust_remote_code)
-    markers, markers_from = saved_role_markers(adapter, base)
+    chat_format, markers, markers_from = saved_chat_format(adapter, base)
 
     log(f"loading {base} ({dtype})")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     log(f"merging {adapter}")
     merged = apply_adapter(model, adapter, base).merge_and_unload()
-    tokenizer.chat_template = build_chat_template(markers)
+    set_training_template(tokenizer, chat_format, markers)
 
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -7,8 +7,10 @@ rows are cut into global micro-batches. Either way each rank takes its slice of 
 micro-batch, so every sample is used exactly once per epoch across ranks, and a sample keeps its
 own task id wherever it lands; a rank whose slice of the last one is empty gets a placeholder batch
 without loss tokens, so that all ranks run the same micro-batches in every step. A step is
-`gradient_accumulation_steps` micro-batches and never spans two epochs. The position (epoch, step
-within the epoch) is the whole state:
+`gradient_accumulation_steps` micro-batches and never spans two epochs. With per-task sampling
+(`mixture`, mftcore/data/sampling.py) an epoch's order is its seeded draws instead of a permutation, a
+function of (seed, epoch) too; packed, the number of rows (so of steps) then varies from epoch to epoch,
+which `steps_per_epoch(epoch)` counts. The position (epoch, step within the epoch) is the whole state:
 `state_dict()` / `load_state_dict()` continue from exactly the next step.
 
 `Prefetcher` runs `StepLoader.steps()` one step ahead in a background thread, so that collating the
@@ -73,10 +75,13 @@ class Step:
 
 class StepLoader:
     def __init__(self, samples, *, batch_size: int, accumulation: int, pad_id: int, seed: int,
-                 rank: int = 0, world_size: int = 1, pack: bool = False, seq_length: int | None = None):
+                 rank: int = 0, world_size: int = 1, pack: bool = False, seq_length: int | None = None,
+                 mixture=None):
         self.samples, self.batch_size, self.accumulation = samples, batch_size, accumulation
         self.pad_id, self.seed, self.rank, self.world_size = pad_id, seed, rank, world_size
         self.pack, self.seq_length = pack, seq_length
+        self.mixture = mixture  # mftcore/data/sampling.py: per-task draws of each epoch; None: each sample once
+        self.rows_per_epoch = {}
         self.epoch, self.step_in_epoch = 0, 0
         if pack:
             if not seq_length:
@@ -87,14 +92,28 @@ class StepLoader:
             self.num_rows = len(pack_epoch(self.lengths, np.arange(len(self.lengths)), seq_length, seed, 0,
                                            world_size))
 
-    def steps_per_epoch(self) -> int:
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """Steps of `epoch`: the same for every epoch, except packed rows of a mixture's varying draws."""
         units = self.num_rows if self.pack else len(self.samples)
+        if self.mixture is not None:
+            units = self.mixture_rows(epoch) if self.pack else len(self.mixture)
         groups = math.ceil(units / (self.batch_size * self.world_size))
         return math.ceil(groups / self.accumulation)
 
+    def mixture_rows(self, epoch: int) -> int:
+        if epoch not in self.rows_per_epoch:
+            self.rows_per_epoch[epoch] = len(pack_epoch(self.lengths, self.mixture.epoch(epoch), self.seq_length,
+                                                        self.seed, epoch, self.world_size))
+        return self.rows_per_epoch[epoch]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self.mixture is not None:
+            return self.mixture.epoch(epoch)
+        return epoch_order(len(self.samples), self.seed, epoch)
+
     def _epoch_groups(self, epoch: int) -> list:
         """This rank's micro-batches of the epoch, each a list of rows (pack) or of sample indices."""
-        order = epoch_order(len(self.samples), self.seed, epoch)
+        order = self._epoch_order(epoch)
         if not self.pack:
             return micro_batches(order, self.batch_size, self.rank, self.world_size)
         rows = pack_epoch(self.lengths, order, self.seq_length, self.seed, epoch, self.world_size)
