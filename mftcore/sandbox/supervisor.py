@@ -1,0 +1,237 @@
+"""The sandbox's first process: `python -S -s -P supervisor.py`, started by executor.py in a new session
+with nothing open but stdin (the job, JSON), stdout and stderr (files of the harness) and the status
+pipe (job["status_fd"], where this process writes its status, JSON). Standard library only.
+
+It joins the job's pids cgroup (if the harness made one), enters new namespaces where the platform
+allows (confine.enter_namespaces), makes every mount read-only and mounts a tmpfs as the working
+directory, then forks the runner: the first process of the new PID namespace. The runner confines
+itself further (rlimits, no capabilities, Landlock, seccomp) before it runs any untrusted code.
+This process stays outside all of that: it enforces the wall-clock limit, then kills every process the
+runner left (the PID namespace's init dying takes them all; without one, the subreaper's descendants
+and the cgroup's members, until none is left) and reports.
+"""
+
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import confine  # noqa: E402
+import runner  # noqa: E402
+
+RESULT_FD = 3  # the result pipe's number in the runner
+RESULT_BYTES = 8192
+
+
+def set_limits(limits: dict, count_processes: bool) -> None:
+    """The runner's resource limits: address space, CPU seconds (SIGKILL one second after the soft limit,
+    which a PID namespace's init ignores), file size (what it writes, its stdout and stderr included),
+    open files, no core dumps, and processes (only where the kernel counts them for this sandbox alone)."""
+    cpu = limits["cpu_seconds"]
+    pairs = [(resource.RLIMIT_AS, limits["memory_mb"] << 20), (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+             (resource.RLIMIT_FSIZE, limits["output_bytes"]), (resource.RLIMIT_NOFILE, limits["open_files"]),
+             (resource.RLIMIT_CORE, 0)]
+    if count_processes:
+        pairs.append((resource.RLIMIT_NPROC, limits["max_processes"]))
+    for which, value in pairs:
+        resource.setrlimit(which, value if isinstance(value, tuple) else (value, value))
+
+
+def runner_capabilities(in_namespace: bool) -> list:
+    """What confine_runner will apply on this platform (it fails rather than apply less)."""
+    abi = confine.landlock_abi()
+    caps = ["no-capabilities"] if in_namespace or os.geteuid() == 0 else []
+    if abi >= 1:
+        caps += ["landlock-fs"] + (["landlock-net"] if abi >= 4 else []) + (["landlock-scope"] if abi >= 6 else [])
+    return caps + (["seccomp"] if confine.ARCH is not None else [])
+
+
+def confine_runner(job: dict, in_namespace: bool, bound: str) -> None:
+    """Everything the runner applies to itself before the untrusted code: the rlimits, then what
+    runner_capabilities names. Any failure is fatal (OSError): no untrusted code runs less confined."""
+    os.chdir(job["workdir"])
+    set_limits(job["limits"], count_processes=bound == "rlimit-nproc")
+    confine.set_no_new_privs()
+    caps = runner_capabilities(in_namespace)
+    if "no-capabilities" in caps:
+        confine.drop_capabilities()
+    if "landlock-fs" in caps:
+        confine.apply_landlock(job["read_roots"], [job["workdir"]], ["/dev/null"])
+    if "seccomp" in caps:
+        confine.apply_seccomp(no_new_processes=bound == "no-new-processes")
+
+
+def run_runner(job: dict, result_w: int, in_namespace: bool, bound: str) -> None:
+    """The forked runner: confine, then run the program and its tests. Never returns."""
+    try:
+        os.dup2(result_w, RESULT_FD)  # replaces the status pipe: the runner never holds it
+        os.closerange(RESULT_FD + 1, 1 << 16)
+        confine_runner(job, in_namespace, bound)
+        sys.path[:] = job["sys_path"]
+    except BaseException as e:
+        sys.stderr.write(f"sandbox: could not confine the runner: {e}\n")
+        sys.stderr.flush()
+        os._exit(111)
+    runner.run(job["program"], job["tests"], job["nonce"], RESULT_FD)
+
+
+def descendants(root: int) -> set:
+    """Every live process below `root`, from the parent links in /proc."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = set(), [root]
+    while todo:
+        for pid in children.get(todo.pop(), ()):
+            if pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    return found
+
+
+def cgroup_members(cgroup) -> set:
+    if not cgroup:
+        return set()
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs")) as f:
+            return {int(line) for line in f if line.strip()} - {os.getpid()}
+    except OSError:
+        return set()
+
+
+def kill_all(cgroup) -> int:
+    """SIGKILL every descendant (and cgroup member) and reap them, until none is left; returns how many."""
+    killed = 0
+    for _ in range(1000):
+        victims = descendants(os.getpid()) | cgroup_members(cgroup)
+        if not victims:
+            break
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        reap()
+        time.sleep(0.002)
+    return killed
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def wait_for(pid: int, seconds: float):
+    """(wait status, rusage, timed_out): the runner's end, or SIGKILL once `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                return status, usage, False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                _, status, usage = os.wait4(pid, 0)
+                return status, usage, True
+            if pidfd is not None:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(min(left, 0.005))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def read_result(fd: int) -> str:
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while sum(map(len, chunks)) < RESULT_BYTES:
+            chunk = os.read(fd, RESULT_BYTES)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    return b"".join(chunks)[:RESULT_BYTES].decode("utf-8", "replace")
+
+
+def isolate(job: dict) -> tuple:
+    """(capabilities, in a user namespace, how processes are bounded) for what this platform allowed."""
+    caps = []
+    if job.get("cgroup"):
+        with open(os.path.join(job["cgroup"], "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        caps.append("pids-cgroup")
+    in_namespace = False
+    if job["isolation"] == "auto":
+        try:
+            confine.enter_namespaces()
+            in_namespace = True
+            caps += ["userns", "netns", "pidns", "mountns"]
+            confine.make_mounts_read_only()
+            caps.append("readonly-mounts")
+            confine.mount_tmpfs(job["workdir"], job["limits"]["disk_mb"])
+            caps.append("tmpfs-workdir")
+        except OSError:
+            pass  # what was entered stays; what failed is not claimed
+    confine.become_subreaper()
+    if job.get("cgroup"):
+        bound = "pids-cgroup"
+    elif in_namespace and os.geteuid() != 0:  # the kernel never counts processes for uid 0
+        bound = "rlimit-nproc"
+    else:
+        bound = "no-new-processes"
+    return caps, in_namespace, bound
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.buffer.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    caps, in_namespace, bound = isolate(job)
+    caps += ([] if bound == "pids-cgroup" else [bound]) + runner_capabilities(in_namespace)
+    result_r, result_w = os.pipe()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(result_r)
+        run_runner(job, result_w, in_namespace, bound)
+    os.close(result_w)
+    status, usage, timed_out = wait_for(pid, job["limits"]["wall_seconds"])
+    wall = time.monotonic() - started
+    leftover = kill_all(job.get("cgroup"))
+    report = {
+        "capabilities": caps, "exit_code": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
+        "wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "killed_leftovers": leftover,
+        "result": read_result(result_r),
+    }
+    os.write(job["status_fd"], json.dumps(report).encode())
+
+
+if __name__ == "__main__":
+    main()
