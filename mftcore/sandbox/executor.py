@@ -251,7 +251,7 @@ def ended_early(code: int, cpu: float, limits: Limits, stderr: str) -> str:
     """Why a runner that wrote no report ended."""
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
-        if name in ("SIGXCPU", "SIGKILL") and cpu >= limits.cpu_seconds:
+        if name == "SIGXCPU" or (name == "SIGKILL" and cpu >= limits.cpu_seconds):  # the hard limit is +1 s
             return f"killed: CPU time limit of {limits.cpu_seconds} s"
         if name == "SIGXFSZ":
             return f"killed: file size limit of {limits.output_bytes} bytes"

@@ -7,9 +7,10 @@ thread can run after the verdict). So a program that exits early, with any statu
 (sys.exit, os._exit, a signal), writes no report and has failed; the exit status means nothing.
 
 Hardening against a program that makes its tests pass without solving them:
-- the tests run in their own namespace, a copy of the program's names with a pristine copy of the
-  builtins taken before the program ran: replacing `builtins.abs`, `isinstance`, `print`, ... in the
-  program changes nothing the tests call directly;
+- the builtins module is put back as it was before the program ran once the program has run, and the
+  tests run in their own namespace (a copy of the program's names) with their own pristine copy of
+  it: replacing `builtins.abs`, `isinstance`, `print`, ... in the program, even from a function the
+  tests call, changes nothing the tests look up;
 - tracing and profiling hooks the program set (sys.settrace can skip the lines of an assert) are
   cleared before the tests;
 - every function the program defined is called from the tests through a guard: a value it returns
@@ -86,9 +87,15 @@ def run(program: str, tests: str, nonce: str, result_fd: int) -> None:
     write, exit_now, dumps = os.write, os._exit, json.dumps
     stdout, stderr = sys.stdout, sys.stderr
     pristine = dict(builtins.__dict__)
+    clear_builtins, update_builtins = builtins.__dict__.clear, builtins.__dict__.update
     format_exception = traceback.format_exception
 
+    def restore_builtins() -> None:  # for the tests, and for this function's own json and traceback calls
+        clear_builtins()
+        update_builtins(pristine)
+
     def report(passed: bool, error) -> None:
+        restore_builtins()
         for stream in (stdout, stderr):
             try:
                 stream.flush()
@@ -101,6 +108,7 @@ def run(program: str, tests: str, nonce: str, result_fd: int) -> None:
     try:
         names = {"__name__": module, "__builtins__": builtins}
         exec(compile(program, "<program>", "exec"), names)
+        restore_builtins()
         sys.settrace(None)
         sys.setprofile(None)
         checked = dict(names)
@@ -110,6 +118,7 @@ def run(program: str, tests: str, nonce: str, result_fd: int) -> None:
                 checked[name] = guard(value, module)
         exec(compile(tests, "<tests>", "exec"), checked)
     except BaseException as e:  # SystemExit and KeyboardInterrupt too: the tests did not finish
+        restore_builtins()
         lines = format_exception(type(e), e, e.__traceback__)
         try:
             stderr.write("".join(lines))

@@ -4,7 +4,7 @@ pipe (job["status_fd"], where this process writes its status, JSON). Standard li
 
 It joins the job's pids cgroup (if the harness made one), enters new namespaces where the platform
 allows (confine.enter_namespaces), makes every mount read-only and mounts a tmpfs as the working
-directory, then forks the runner: the first process of the new PID namespace. The runner confines
+directory, then forks the new PID namespace's init (be_init), which forks the runner. The runner confines
 itself further (rlimits, no capabilities, Landlock, seccomp) before it runs any untrusted code.
 This process stays outside all of that: it enforces the wall-clock limit, then kills every process the
 runner left (the PID namespace's init dying takes them all; without one, the subreaper's descendants
@@ -16,6 +16,7 @@ import os
 import resource
 import select
 import signal
+import struct
 import sys
 import time
 
@@ -77,6 +78,26 @@ def run_runner(job: dict, result_w: int, in_namespace: bool, bound: str) -> None
         sys.stderr.flush()
         os._exit(111)
     runner.run(job["program"], job["tests"], job["nonce"], RESULT_FD)
+
+
+def be_init(job: dict, result_w: int, bound: str, status_w: int) -> None:
+    """PID 1 of the new PID namespace: fork the runner, reap whatever is orphaned to it, and when the
+    runner ends pass its wait status on and exit (which kills everything left in the namespace). The
+    runner is not init itself because init ignores the signals a process may send itself (and SIGXCPU,
+    SIGXFSZ), which would change how a program ends. Never returns."""
+    runner_pid = os.fork()
+    if runner_pid == 0:
+        os.close(status_w)
+        run_runner(job, result_w, True, bound)
+    os.close(result_w)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(1)
+        if pid == runner_pid:
+            os.write(status_w, struct.pack("i", status))
+            os._exit(0)
 
 
 def descendants(root: int) -> set:
@@ -216,15 +237,24 @@ def main() -> None:
     caps, in_namespace, bound = isolate(job)
     caps += ([] if bound == "pids-cgroup" else [bound]) + runner_capabilities(in_namespace)
     result_r, result_w = os.pipe()
+    init_r, init_w = os.pipe()
     started = time.monotonic()
     pid = os.fork()
     if pid == 0:
         os.close(result_r)
-        run_runner(job, result_w, in_namespace, bound)
+        os.close(init_r)
+        if in_namespace:
+            be_init(job, result_w, bound, init_w)
+        os.close(init_w)
+        run_runner(job, result_w, False, bound)
     os.close(result_w)
+    os.close(init_w)
     status, usage, timed_out = wait_for(pid, job["limits"]["wall_seconds"])
     wall = time.monotonic() - started
     leftover = kill_all(job.get("cgroup"))
+    runner_status = os.read(init_r, 4) if in_namespace else b""
+    if len(runner_status) == 4:  # init's own status says only that it passed the runner's on
+        status = struct.unpack("i", runner_status)[0]
     report = {
         "capabilities": caps, "exit_code": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
         "wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "killed_leftovers": leftover,

@@ -1,0 +1,223 @@
+"""The executor against hand-written completions: what passes, what fails, and that nothing escapes.
+
+Every case runs twice: with every restriction this platform allows ("auto": namespaces, a pids cgroup,
+Landlock, seccomp) and as a platform without namespaces or cgroups would run it ("fallback": Landlock,
+seccomp, rlimits and the subreaper alone). Limits are small so that the time-outs cost little; a
+completion meant to pass has 30 s of wall clock, so a loaded machine cannot fail it.
+"""
+
+import os
+import socket
+import threading
+import uuid
+
+import pytest
+
+from mftcore.errors import SandboxError
+from mftcore.sandbox import Limits, SandboxPool, run_program
+from mftcore.sandbox.executor import SUPERVISOR
+from tests.helpers.paths import ROOT
+
+FAST = Limits(wall_seconds=30, cpu_seconds=2, memory_mb=512, max_processes=6)
+SHORT = Limits(wall_seconds=2, cpu_seconds=1, memory_mb=512, max_processes=6)
+ADD = "def add(a, b):\n    return a + b\n"
+ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
+
+pytestmark = pytest.mark.parametrize("isolation", ["auto", "fallback"])
+
+
+def run(program, tests=ADD_TESTS, limits=FAST, isolation="auto"):
+    return run_program(program, tests, limits, isolation=isolation)
+
+
+def supervisors_alive() -> list:
+    """Processes still running this checkout's supervisor.py (the sandbox and everything it forked)."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if SUPERVISOR.encode() in f.read():
+                    alive.append(int(pid))
+        except OSError:
+            pass
+    return alive
+
+
+def test_correct_wrong_and_broken_completions(isolation):
+    ok = run(ADD, isolation=isolation)
+    assert ok.passed and ok.error is None and ok.exit_code == 0
+    wrong = run("def add(a, b):\n    return a - b\n", isolation=isolation)
+    assert not wrong.passed and wrong.error == "AssertionError"
+    syntax = run("def add(a, b)\n    return a + b\n", isolation=isolation)
+    assert not syntax.passed and syntax.error.startswith("SyntaxError")
+    missing = run("def plus(a, b):\n    return a + b\n", isolation=isolation)
+    assert not missing.passed and missing.error == "NameError: name 'add' is not defined"
+    crash = run(ADD + "raise ValueError('at import')\n", isolation=isolation)
+    assert not crash.passed and crash.error == "ValueError: at import" and "Traceback" in crash.stderr
+    printed = run(ADD + "print('hello from the completion')\n", isolation=isolation)
+    assert printed.passed and printed.stdout == "hello from the completion\n"
+
+
+def test_infinite_loops_are_killed(isolation):
+    spin = run("def add(a, b):\n    while True:\n        pass\n", limits=SHORT, isolation=isolation)
+    assert not spin.passed and ("CPU time limit" in spin.error or "wall-clock" in spin.error), spin
+    sleep = run("import time\ndef add(a, b):\n    time.sleep(60)\n", limits=SHORT, isolation=isolation)
+    assert not sleep.passed and sleep.timed_out and sleep.error == "timed out: wall-clock limit of 2 s"
+    assert supervisors_alive() == []
+
+
+def test_exit_before_the_asserts_fails(isolation):
+    for program, error in [("import sys\nsys.exit(0)\n", "SystemExit: 0"),
+                           ("raise SystemExit\n", "SystemExit"),
+                           ("import os\nos._exit(0)\n", "exited with status 0 before the tests finished"),
+                           ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "killed by SIGKILL")]:
+        for place in ("module", "function"):
+            code = program if place == "module" else "def add(a, b):\n" + "".join(
+                "    " + line + "\n" for line in program.splitlines())
+            out = run(code, isolation=isolation)
+            assert not out.passed and out.error == error, (place, program, out)
+    # The tests themselves exiting early (a completion that makes them do so) fails too.
+    out = run(ADD + "import builtins\nbuiltins.add_done = True\n", "import sys\nsys.exit(0)\nassert False\n",
+              isolation=isolation)
+    assert not out.passed and out.error == "SystemExit: 0"
+
+
+def test_a_forged_report_does_not_pass(isolation):
+    forged = ("import json, os\nfor fd in (1, 2, 3):\n"
+              "    os.write(fd, (json.dumps({'nonce': 'x' * 32, 'passed': True, 'error': None}) + '\\n').encode())\n"
+              "os._exit(0)\n")
+    out = run(forged, isolation=isolation)
+    assert not out.passed and out.error.startswith("exited with status 0 before the tests finished")
+
+
+@pytest.mark.parametrize("patch", [
+    "builtins.abs = lambda x: 0",
+    "builtins.isinstance = lambda *a: True",
+    "builtins.len = lambda x: 3",
+    "builtins.AssertionError = type('Quiet', (Exception,), {})",
+    "builtins.print = None\nbuiltins.sorted = lambda x: [1, 2, 3]",
+])
+def test_patched_builtins_do_not_reach_the_tests(isolation, patch):
+    program = "import builtins\n" + patch + "\ndef value(x):\n    return [x, x, x, x]\n"
+    tests = ("assert abs(value(1)[0] - 2) < 1e-9\n" if "abs" in patch else
+             "assert isinstance(value(1), dict)\n" if "isinstance" in patch else
+             "assert len(value(1)) == 3\n" if "len" in patch else
+             "assert sorted(value(1)) == [1, 2, 3]\n" if "sorted" in patch else "assert value(1) == 1\n")
+    out = run(program, tests, isolation=isolation)
+    assert not out.passed and out.error.startswith("AssertionError"), out
+
+
+def test_values_that_equal_everything_are_refused(isolation):
+    always = ("class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
+              "def add(a, b):\n    return Any()\n")
+    out = run(always, isolation=isolation)
+    assert not out.passed and "a class it defined with __eq__" in out.error
+    nested = ("class Zero(float):\n    def __sub__(self, other):\n        return 0.0\n"
+              "def add(a, b):\n    return [Zero(0)]\n")
+    assert not run(nested, "assert abs(add(1, 2)[0] - 3) < 1e-9\n", isolation=isolation).passed
+    tracer = ("import sys\ndef skip(frame, event, arg):\n    frame.f_trace_lines = True\n    return skip\n"
+              "sys.settrace(skip)\ndef add(a, b):\n    return 0\n")
+    assert not run(tracer, isolation=isolation).passed
+    # A class of its own without such methods is an honest value: a named tuple compares as a tuple.
+    honest = ("from typing import NamedTuple\nclass Pair(NamedTuple):\n    a: int\n    b: int\n"
+              "def add(a, b):\n    return Pair(a + b, 0)\n")
+    assert run(honest, "assert add(1, 2) == (3, 0)\n", isolation=isolation).passed
+
+
+def test_memory_hog_fails_with_memory_error(isolation):
+    hog = "def add(a, b):\n    blocks = []\n    while True:\n        blocks.append(bytearray(50 << 20))\n"
+    out = run(hog, isolation=isolation)
+    assert not out.passed and out.error == "MemoryError"
+    assert not run("def add(a, b):\n    return len(bytearray(4 << 30))\n", isolation=isolation).passed
+
+
+def test_fork_storm_is_bounded_and_killed(isolation):
+    storm = ("import os, sys, time\nmade = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n"
+             "    except OSError:\n        break\n    if pid == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
+             "            time.sleep(120)\n        time.sleep(120)\n    made += 1\n"
+             "print(made, flush=True)\ntime.sleep(120)\n")
+    out = run(storm, limits=SHORT, isolation=isolation)
+    assert not out.passed and out.timed_out
+    made = int(out.stdout.split()[0])
+    # Each child forks a grandchild; all count against the limit, with the runner itself.
+    assert made <= FAST.max_processes if isolation == "auto" else made == 0
+    assert supervisors_alive() == []
+    many = "import subprocess\ndef add(a, b):\n    return int(subprocess.check_output(['echo', str(a + b)]))\n"
+    assert run(many, isolation=isolation).passed == (isolation == "auto")
+
+
+def test_writes_stay_in_the_working_directory(isolation, tmp_path):
+    targets = [str(tmp_path / f"escape-{uuid.uuid4().hex}"), f"/tmp/mftcore-escape-{uuid.uuid4().hex}",
+               os.path.join(ROOT, f"escape-{uuid.uuid4().hex}"), "/dev/shm/mftcore-escape"]
+    for target in targets:
+        out = run(f"open({target!r}, 'w').write('x')\n" + ADD, isolation=isolation)
+        assert not out.passed and ("PermissionError" in out.error or "OSError" in out.error), out
+        assert not os.path.exists(target)
+    inside = ("import os, tempfile\nopen('note.txt', 'w').write('kept')\nos.mkdir('sub')\n"
+              "with tempfile.NamedTemporaryFile(dir=None) as f:\n    f.write(b'x')\n" + ADD)
+    assert run(inside, ADD_TESTS + "assert open('note.txt').read() == 'kept'\n", isolation=isolation).passed
+
+
+def test_the_test_file_and_the_harness_are_out_of_reach(isolation, tmp_path):
+    secret = tmp_path / "humaneval.jsonl"
+    secret.write_text('{"test": "assert add(1, 2) == 3"}\n')
+    reader = f"text = open({str(secret)!r}).read()\n" + ADD
+    out = run(reader, isolation=isolation)
+    assert not out.passed and out.error.startswith("PermissionError"), out
+    assert not run(f"import os\nos.listdir({str(tmp_path)!r})\n" + ADD, isolation=isolation).passed
+    assert not run(f"open({os.path.join(ROOT, 'README.md')!r}).read()\n" + ADD, isolation=isolation).passed
+    # The standard library still imports (and so would site-packages).
+    assert run("import json, math, collections, re, heapq, itertools, fractions\n" + ADD, isolation=isolation).passed
+    killer = f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n" + ADD
+    out = run(killer, isolation=isolation)
+    assert not out.passed and out.error.startswith(("PermissionError", "ProcessLookupError")), out
+
+
+def test_no_network_and_no_inherited_descriptors(isolation):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(try_accept(server)), daemon=True).start()
+    tcp = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n" + ADD
+    out = run(tcp, isolation=isolation)
+    assert not out.passed and out.error.startswith(("PermissionError", "OSError", "ConnectionRefused")), out
+    udp = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ('127.0.0.1', 9))\n"
+    assert not run(udp + ADD, isolation=isolation).passed
+    assert run("import socket\na, b = socket.socketpair()\na.send(b'x')\nassert b.recv(1) == b'x'\n" + ADD,
+               isolation=isolation).passed  # AF_UNIX pairs stay allowed
+    server.close()
+    assert accepted in ([None], [])
+    fds = "import os\nopen_fds = []\nfor fd in range(256):\n    try:\n        os.fstat(fd)\n" \
+          "        open_fds.append(fd)\n    except OSError:\n        pass\n" + ADD
+    assert run(fds, ADD_TESTS + "assert open_fds == [0, 1, 2, 3], open_fds\n", isolation=isolation).passed
+
+
+def try_accept(server):
+    try:
+        return server.accept()
+    except OSError:
+        return None
+
+
+def test_output_floods_are_cut(isolation):
+    flood = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
+    out = run(flood, limits=Limits(wall_seconds=30, cpu_seconds=5, output_bytes=1 << 20), isolation=isolation)
+    assert not out.passed and len(out.stdout) <= 4000
+
+
+def test_pool_keeps_the_order_and_reports_capabilities(isolation):
+    jobs = [(ADD if i % 3 else "def add(a, b):\n    return 0\n", ADD_TESTS) for i in range(9)]
+    seen = []
+    outcomes = SandboxPool(workers=2, limits=FAST, isolation=isolation).run(jobs, progress=seen.append)
+    assert [o.passed for o in outcomes] == [bool(i % 3) for i in range(9)] and len(seen) == 9
+    caps = set(outcomes[0].capabilities)
+    assert {"landlock-fs", "seccomp", "no-capabilities"} <= caps
+    if isolation == "auto":
+        assert {"userns", "netns", "pidns", "readonly-mounts", "tmpfs-workdir", "pids-cgroup"} <= caps
+    else:
+        assert "no-new-processes" in caps and "pidns" not in caps
+    with pytest.raises(SandboxError, match="memory_mb must be > 0"):
+        SandboxPool(limits=Limits(memory_mb=0))
