@@ -130,8 +130,9 @@ def read_prompts(path: str) -> list:
 
 
 @torch.no_grad()
-def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=None) -> list:
-    """New token ids for each prompt (one batch), left-padded with EOS; generation stops at EOS."""
+def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=None, **generate_kwargs) -> list:
+    """New token ids for each prompt (one batch), left-padded with EOS; generation stops at EOS.
+    generate_kwargs go to model.generate (e.g. stop_strings with tokenizer, synced_gpus)."""
     eos = gen.tokenizer.eos_token_id
     width = max(len(ids) for ids in id_lists)
     input_ids = torch.full((len(id_lists), width), eos, dtype=torch.long)
@@ -141,7 +142,7 @@ def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=No
         mask[row, width - len(ids):] = 1
     out = gen.model.generate(input_ids=input_ids.to(gen.device), attention_mask=mask.to(gen.device),
                              max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, pad_token_id=eos,
-                             streamer=streamer, **sampling.generate_kwargs())
+                             streamer=streamer, **sampling.generate_kwargs(), **generate_kwargs)
     answers = []
     for row in out[:, width:].tolist():
         answers.append(row[:row.index(eos)] if eos in row else row)
