@@ -3,15 +3,16 @@ them on a pool of workers (`SandboxPool`), and turn what came back into an `Outc
 
 Each run gets a fresh temporary directory (a `work/` directory the program may write in, and the files
 that take its stdout and stderr, which it cannot open by name), a pids cgroup where this process may
-make one, and a supervisor process (supervisor.py) in a new session that inherits nothing but its
+make one (emptied and kept for the next run; removed at exit), and a supervisor process (supervisor.py) in a new session that inherits nothing but its
 stdin, those two files and a status pipe. A backstop here kills the whole session if the supervisor
 itself does not report within its wall-clock limit plus BACKSTOP_SECONDS. Afterwards the directory
-and the cgroup are removed. `Outcome.passed` is true only when the runner's report came back with
+is removed. `Outcome.passed` is true only when the runner's report came back with
 this run's nonce and said the tests ran to their end, and the run did not time out.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -94,6 +95,48 @@ def runner_sys_path() -> list:
                   if os.path.isdir(p)]
 
 
+# Idle pids cgroups, by pids.max, for the next runs: making and removing one per run cost 10-15 ms (the
+# supervisor's exit leaves a cgroup some milliseconds after the harness has seen it end).
+IDLE_CGROUPS: dict = {}
+CGROUP_LOCK = threading.Lock()
+
+
+def acquire_cgroup(max_pids: int) -> Optional[str]:
+    with CGROUP_LOCK:
+        idle = IDLE_CGROUPS.setdefault(max_pids, [])
+        if idle:
+            return idle.pop()
+    return make_pids_cgroup(max_pids)
+
+
+def release_cgroup(path: Optional[str], max_pids: int) -> None:
+    """Kill what is still in it (nothing, normally) and keep it for the next run."""
+    if not path:
+        return
+    try:
+        for pid in cgroup_members(path):
+            os.kill(pid, signal.SIGKILL)
+    except OSError:
+        remove_cgroup(path)
+        return
+    with CGROUP_LOCK:
+        IDLE_CGROUPS.setdefault(max_pids, []).append(path)
+
+
+@atexit.register
+def remove_idle_cgroups() -> None:
+    with CGROUP_LOCK:
+        paths = [p for idle in IDLE_CGROUPS.values() for p in idle]
+        IDLE_CGROUPS.clear()
+    for path in paths:
+        remove_cgroup(path)
+
+
+def cgroup_members(path: str) -> list:
+    with open(os.path.join(path, "cgroup.procs")) as f:
+        return [int(line) for line in f if line.strip()]
+
+
 def make_pids_cgroup(max_pids: int) -> Optional[str]:
     """A fresh cgroup of the v1 pids hierarchy with pids.max set, where this process may make one."""
     try:
@@ -118,11 +161,9 @@ def remove_cgroup(path: Optional[str]) -> None:
     """Kill what is still in it (nothing, normally: the supervisor killed it all), then remove it."""
     if not path or not os.path.isdir(path):
         return
-    for _ in range(200):
+    for _ in range(2000):
         try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                members = [int(line) for line in f if line.strip()]
-            for pid in members:
+            for pid in cgroup_members(path):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
@@ -130,7 +171,7 @@ def remove_cgroup(path: Optional[str]) -> None:
             os.rmdir(path)
             return
         except OSError:
-            threading.Event().wait(0.005)  # exiting tasks leave the cgroup asynchronously
+            time.sleep(0.001)  # exiting tasks leave the cgroup asynchronously
 
 
 def remove_tree(path: str) -> None:
@@ -161,7 +202,8 @@ def run_program(program: str, tests: str, limits: Optional[Limits] = None, *, is
     base = tempfile.mkdtemp(prefix="mftcore-sandbox-")
     workdir = os.path.join(base, "work")
     os.mkdir(workdir, 0o700)
-    cgroup = make_pids_cgroup(limits.max_processes + 1) if isolation == "auto" else None  # +1: the supervisor
+    max_pids = limits.max_processes + 1  # the supervisor counts too
+    cgroup = acquire_cgroup(max_pids) if isolation == "auto" else None
     status_r, status_w = os.pipe()
     try:
         job = {"program": program, "tests": tests, "nonce": nonce, "workdir": workdir, "cgroup": cgroup,
@@ -190,7 +232,7 @@ def run_program(program: str, tests: str, limits: Optional[Limits] = None, *, is
         if status_w is not None:
             os.close(status_w)
         os.close(status_r)
-        remove_cgroup(cgroup)
+        release_cgroup(cgroup, max_pids)
         remove_tree(base)
 
 

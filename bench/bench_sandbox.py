@@ -1,0 +1,73 @@
+"""Sandbox throughput: trivial completions (a one-line function and three asserts) executed per second by
+mftcore.sandbox's pool, with 1 worker and with one per CPU, with every restriction the platform allows
+("auto") and without namespaces or cgroups ("fallback").
+
+    python bench/bench_sandbox.py [--quick] [--json PATH]
+    mftcore bench sandbox [--quick] [--json PATH]                                     # the same
+
+Each completion costs one interpreter start (python -S: the supervisor), namespaces, mounts, two forks
+(the PID namespace's init and the runner), Landlock and seccomp, and the harness's temporary directory
+and cgroup. Wall clock (what a user waits for); no gate: the number depends on the machine's load.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import common
+from mftcore.sandbox import Limits, SandboxPool
+
+PROGRAM = "def add(a, b):\n    return a + b\n"
+TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(0, 0) == 0\n"
+
+
+def measure(workers: int, isolation: str, count: int, rounds: int) -> dict:
+    """Completions per second of `count` jobs on `workers` workers; the best of `rounds`."""
+    pool = SandboxPool(workers=workers, limits=Limits(wall_seconds=60), isolation=isolation)
+    best, outcomes = None, []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        outcomes = pool.run([(PROGRAM, TESTS)] * count)
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+    return {"workers": workers, "isolation": isolation, "completions": count, "rounds": rounds, "seconds": best,
+            "completions_per_s": count / best, "all_passed": all(o.passed for o in outcomes),
+            "capabilities": list(outcomes[0].capabilities) if outcomes else []}
+
+
+def run(device: str, quick: bool) -> dict:
+    """Everything this script measures. CPU work whatever `device` says: results name the CPU."""
+    cores = os.cpu_count() or 1
+    count, rounds = (20, 1) if quick else (200, 3)
+    rows = [measure(w, isolation, count, rounds) for isolation in ("auto", "fallback")
+            for w in dict.fromkeys((1, cores))]
+    return {**common.machine_record("cpu"), "cores": cores, "load_average_1min": os.getloadavg()[0], "rows": rows}
+
+
+def check_gates(result: dict):
+    failed = [f"{r['isolation']}, {r['workers']} workers: a trivial completion failed" for r in result["rows"]
+              if not r["all_passed"]]
+    return failed or None
+
+
+def table(result: dict) -> str:
+    lines = [f"sandbox: trivial completions per second on {result['cores']} cores "
+             f"(load average {result['load_average_1min']:.2f} at the end)",
+             f"{'isolation':<10}{'workers':>8}{'completions':>13}{'seconds':>10}{'per second':>12}"]
+    for r in result["rows"]:
+        lines.append(f"{r['isolation']:<10}{r['workers']:>8}{r['completions']:>13}{r['seconds']:>10.2f}"
+                     f"{r['completions_per_s']:>12.1f}")
+    for isolation in ("auto", "fallback"):
+        caps = next((r["capabilities"] for r in result["rows"] if r["isolation"] == isolation), [])
+        lines.append(f"{isolation}: {', '.join(caps)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    return common.run_script("sandbox", run, table, check_gates, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
