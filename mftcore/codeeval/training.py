@@ -12,11 +12,14 @@ position and the weights alone. So a run with eval_benchmarks trains bitwise lik
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 from mftcore import checkpoint
 from mftcore.codeeval.benchmarks import read_benchmark
 from mftcore.codeeval.harness import evaluate_benchmark
 from mftcore.codeeval.spec import parse_metric, parse_specs
+from mftcore.io import atomic_write_text
 from mftcore.parallel.comm import gather_objects
 
 
@@ -44,13 +47,14 @@ class TrainingBenchmarks:
         self.specs, self.metric = check_benchmarks(cfg)
         self.problems = {s.name: read_benchmark(s.file, split=s.split, tag=s.tag, limit=s.limit) for s in self.specs}
         self.gen = Generator(engine.model, tokenizer, dict(cfg.role_markers), env.device)
-        self.engine, self.env, self.autocast = engine, env, autocast
+        self.engine, self.env, self.autocast, self.output_dir = engine, env, autocast, cfg.output_dir
 
     def due(self, step: int, total_steps: int) -> list:
         return [s for s in self.specs if (s.every_steps and step % s.every_steps == 0) or step == total_steps]
 
     def evaluate(self, step: int, specs: list) -> dict:
-        """{name: BenchmarkResult} of `specs` at `step`; every rank calls it and gets every result."""
+        """{name: BenchmarkResult} of `specs` at `step`; every rank calls it and gets every result. Rank 0
+        writes each one's per-problem results to output_dir/benchmarks/NAME/step-STEP.jsonl."""
         results = {}
         with random_streams_kept():
             for spec in specs:
@@ -58,6 +62,10 @@ class TrainingBenchmarks:
                     self.gen, self.problems[spec.name], spec, seed=spec.seed + step, rank=self.env.rank,
                     world_size=self.env.world_size, gather=gather_objects, autocast=self.autocast,
                     root=self.engine.module)
+                if self.env.rank == 0:
+                    path = os.path.join(self.output_dir, "benchmarks", spec.name, f"step-{step}.jsonl")
+                    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                    for r in results[spec.name].records()))
         return results
 
 
