@@ -42,7 +42,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels"],
+    packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels", "mftcore.sandbox", "mftcore.codeeval"],
     ext_modules=[CMakeExtension("mftcore._packing")],
     cmdclass={"build_ext": CMakeBuild},
     # Lower bounds admit the GPU image (torch 2.11, triton 3.6, transformers 5.17); constraints.txt
@@ -61,8 +61,11 @@ setup(
     # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested);
     # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).
     # deepspeed: distributed_type "deepspeed" (0.19.8 tested; tests/test_distributed.py runs ZeRO-2/3 on CPU).
+    # datasets: benchmarks read from the Hugging Face Hub (hf:NAME; 5.2.0 tested, on a local dataset directory).
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1", "deepspeed>=0.19"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1", "deepspeed>=0.19",
+                 "datasets>=3"],
+        "eval": ["datasets>=3"],
         "qlora": ["bitsandbytes>=0.50"],
         "deepspeed": ["deepspeed>=0.19"],
     },
