@@ -99,10 +99,12 @@ def limits_of(spec) -> Limits:
 
 
 def evaluate_benchmark(gen, problems: list, spec, *, seed: int, rank: int = 0, world_size: int = 1,
-                       gather=None, autocast=contextlib.nullcontext, progress=None, root=None) -> BenchmarkResult:
+                       gather=None, autocast=contextlib.nullcontext, progress=None, root=None,
+                       workers=None) -> BenchmarkResult:
     """pass@k of the model of `gen` on `problems` (see the module docstring). gather(obj) -> [obj of
     every rank] when world_size > 1 (mftcore.parallel.comm.gather_objects); root: the module an engine
-    wrapped (FSDP2's root is unsharded while generating)."""
+    wrapped (FSDP2's root is unsharded while generating); workers: the sandbox pool's size when the
+    spec leaves it to us (default: the CPU count)."""
     everything = [(i, s) for i in range(len(problems)) for s in range(spec.n)]
     mine = everything[rank::world_size]
     per_rank = math.ceil(len(everything) / world_size)
@@ -118,7 +120,7 @@ def evaluate_benchmark(gen, problems: list, spec, *, seed: int, rank: int = 0, w
         model.train(was_training)
     jobs = [(program_of(problems[i], text, spec.prompt_format), problems[i].tests) for (i, _), text in
             zip(mine, texts)]
-    pool = SandboxPool(workers=spec.workers or None, limits=limits_of(spec))
+    pool = SandboxPool(workers=spec.workers or workers, limits=limits_of(spec))
     outcomes = pool.run(jobs) if jobs else []
     rows = [(i, s, text, o.passed, o.error, o.capabilities) for (i, s), text, o in zip(mine, texts, outcomes)]
     if world_size > 1:

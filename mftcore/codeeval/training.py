@@ -16,17 +16,28 @@ import json
 import os
 
 from mftcore import checkpoint
-from mftcore.codeeval.benchmarks import read_benchmark
+from mftcore.codeeval.benchmarks import HF_PREFIX, read_benchmark
 from mftcore.codeeval.harness import evaluate_benchmark
 from mftcore.codeeval.spec import parse_metric, parse_specs
+from mftcore.errors import ConfigError
 from mftcore.io import atomic_write_text
 from mftcore.parallel.comm import gather_objects
 
 
 def check_benchmarks(cfg) -> tuple:
-    """(specs, metric) of a config: one-line errors before anything is loaded."""
+    """(specs, metric) of a config: one-line errors (a local file that is not there too) before anything
+    is loaded."""
     specs = parse_specs(cfg.eval_benchmarks)
+    for i, spec in enumerate(specs):
+        if not spec.file.startswith(HF_PREFIX) and not os.path.isfile(spec.file):
+            raise ConfigError(f"config: eval_benchmarks[{i}].file: {spec.file}: benchmark file not found "
+                              f"(a Hugging Face dataset is written hf:NAME)")
     return specs, parse_metric(cfg.metric_for_best, specs)
+
+
+def local_workers() -> int:
+    """Sandbox workers per rank: the node's CPUs shared by its ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @contextlib.contextmanager
@@ -61,7 +72,7 @@ class TrainingBenchmarks:
                 results[spec.name] = evaluate_benchmark(
                     self.gen, self.problems[spec.name], spec, seed=spec.seed + step, rank=self.env.rank,
                     world_size=self.env.world_size, gather=gather_objects, autocast=self.autocast,
-                    root=self.engine.module)
+                    root=self.engine.module, workers=local_workers())
                 if self.env.rank == 0:
                     path = os.path.join(self.output_dir, "benchmarks", spec.name, f"step-{step}.jsonl")
                     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"

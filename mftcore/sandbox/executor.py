@@ -37,8 +37,11 @@ SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "superviso
 BACKSTOP_SECONDS = 15.0
 TAIL_BYTES = 4000
 CONFINE_FAILED = 111  # the runner's exit code when it could not apply a restriction
-SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/dev/urandom", "/dev/random",
-                     "/dev/zero", "/sys/devices/system/cpu")
+# Besides the Python installation: shared libraries (and the loader's cache), the few files under /etc
+# the standard library reads (time zone, users, TLS roots, MIME types), random devices, the CPU count.
+SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/localtime",
+                     "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/ssl", "/etc/mime.types",
+                     "/etc/os-release", "/dev/urandom", "/dev/random", "/dev/zero", "/sys/devices/system/cpu")
 
 
 @dataclass(frozen=True)
