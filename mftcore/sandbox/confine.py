@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 
+MACHINE = os.uname().machine  # not platform.machine(): importing platform costs this process ~10 ms
 LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.syscall.restype = ctypes.c_long
 
@@ -39,7 +39,7 @@ ARCH = {
                "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311},
     "aarch64": {"audit": 0xC00000B7, "capset": 91, "socket": 198, "clone": 220, "fork": None, "vfork": None,
                 "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271},
-}.get(platform.machine())
+}.get(MACHINE)
 IO_URING = (425, 426, 427)
 CLONE3 = 435
 
@@ -104,7 +104,7 @@ def drop_capabilities() -> None:
         if LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and ctypes.get_errno() == 22:  # EINVAL: past the last cap
             break
     if ARCH is None:
-        raise OSError(0, f"capset: unknown architecture {platform.machine()}")
+        raise OSError(0, f"capset: unknown architecture {MACHINE}")
     header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
     data = bytes(24)  # two {effective, permitted, inheritable} u32 triples, all zero
     check(syscall(ARCH["capset"], header, data), "capset")
@@ -172,7 +172,7 @@ def seccomp_program(no_new_processes: bool) -> bytes:
     eperm, eacces, enosys = 0x00050000 | 1, 0x00050000 | 13, 0x00050000 | 38
     a = ARCH
     prog = [(ld, 0, 0, 4), (jeq, 1, 0, a["audit"]), (ret, 0, 0, kill), (ld, 0, 0, 0)]
-    if platform.machine() == "x86_64":  # x32 syscall numbers would slip past the table below
+    if MACHINE == "x86_64":  # x32 syscall numbers would slip past the table below
         prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]
     denied = [a["ptrace"], a["process_vm_readv"], a["process_vm_writev"], *IO_URING]
     if no_new_processes:
@@ -192,7 +192,7 @@ def seccomp_program(no_new_processes: bool) -> bytes:
 def apply_seccomp(no_new_processes: bool) -> None:
     """Install the filter of seccomp_program on this thread and its future children (needs no_new_privs)."""
     if ARCH is None:
-        raise OSError(0, f"seccomp: unknown architecture {platform.machine()}")
+        raise OSError(0, f"seccomp: unknown architecture {MACHINE}")
     code = seccomp_program(no_new_processes)
     buffer = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("HxxxxxxP", len(code) // 8, ctypes.addressof(buffer))  # struct sock_fprog
