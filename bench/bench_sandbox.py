@@ -18,6 +18,7 @@ import sys
 import time
 
 import common
+
 from mftcore.sandbox import Limits, SandboxPool
 
 PROGRAM = "def add(a, b):\n    return a + b\n"

@@ -93,7 +93,7 @@ def generate_completions(gen, problems: list, spec, items: list, *, seed: int, s
     return out
 
 
-def limits_of(spec) -> Limits:
+def sandbox_limits(spec) -> Limits:
     return Limits(wall_seconds=float(spec.timeout), cpu_seconds=max(1, math.ceil(spec.timeout / 2)),
                   memory_mb=spec.memory_mb)
 
@@ -120,7 +120,7 @@ def evaluate_benchmark(gen, problems: list, spec, *, seed: int, rank: int = 0, w
         model.train(was_training)
     jobs = [(program_of(problems[i], text, spec.prompt_format), problems[i].tests) for (i, _), text in
             zip(mine, texts)]
-    pool = SandboxPool(workers=spec.workers or workers, limits=limits_of(spec))
+    pool = SandboxPool(workers=spec.workers or workers, limits=sandbox_limits(spec))
     outcomes = pool.run(jobs) if jobs else []
     rows = [(i, s, text, o.passed, o.error, o.capabilities) for (i, s), text, o in zip(mine, texts, outcomes)]
     if world_size > 1:

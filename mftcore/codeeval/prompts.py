@@ -25,7 +25,7 @@ STOP_STRINGS = {
 FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 
 
-def instruction(problem) -> str:
+def render_instruction(problem) -> str:
     """The user turn of the chat formats."""
     if problem.kind == "humaneval":
         return f"Complete the following Python function.\n```python\n{problem.text.rstrip()}\n```"
@@ -33,7 +33,7 @@ def instruction(problem) -> str:
     return f"{problem.text.strip()}\nYour code should pass these tests:\n\n{tests}"
 
 
-def raw_prompt(problem) -> str:
+def render_raw_prompt(problem) -> str:
     if problem.kind == "humaneval":
         return problem.text
     return f'"""\n{problem.text.strip()}\n{problem.examples[0]}\n"""\n'
@@ -42,11 +42,11 @@ def raw_prompt(problem) -> str:
 def prompt_ids(gen, problem, prompt_format: str) -> list:
     """Token ids of the prompt for `problem` in `prompt_format` (one of PROMPT_FORMATS)."""
     if prompt_format == "raw":
-        return gen.tokenizer(raw_prompt(problem), add_special_tokens=True)["input_ids"]
+        return gen.tokenizer(render_raw_prompt(problem), add_special_tokens=True)["input_ids"]
     if prompt_format == "training":
         from mftcore.commands.generate import prompt_ids as training_prompt_ids
 
-        return training_prompt_ids(gen, {"prompt": instruction(problem)})
+        return training_prompt_ids(gen, {"prompt": render_instruction(problem)})
     raise ValueError(f"unknown prompt format {prompt_format!r}")
 
 

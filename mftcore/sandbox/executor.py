@@ -3,11 +3,12 @@ them on a pool of workers (`SandboxPool`), and turn what came back into an `Outc
 
 Each run gets a fresh temporary directory (a `work/` directory the program may write in, and the files
 that take its stdout and stderr, which it cannot open by name), a pids cgroup where this process may
-make one (emptied and kept for the next run; removed at exit), and a supervisor process (supervisor.py) in a new session that inherits nothing but its
-stdin, those two files and a status pipe. A backstop here kills the whole session if the supervisor
-itself does not report within its wall-clock limit plus BACKSTOP_SECONDS. Afterwards the directory
-is removed. `Outcome.passed` is true only when the runner's report came back with
-this run's nonce and said the tests ran to their end, and the run did not time out.
+make one (emptied and kept for the next run; removed at exit), and a supervisor process (supervisor.py)
+in a new session that inherits nothing but its stdin, those two files and a status pipe. A backstop here
+kills the whole session if the supervisor itself does not report within its wall-clock limit plus
+BACKSTOP_SECONDS. Afterwards the directory is removed. `Outcome.passed` is true only when the runner's
+report came back with this run's nonce and said the tests ran to their end, and the run did not time
+out.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def release_cgroup(path: Optional[str], max_pids: int) -> None:
     if not path:
         return
     try:
-        for pid in cgroup_members(path):
+        for pid in list_cgroup_members(path):
             os.kill(pid, signal.SIGKILL)
     except OSError:
         remove_cgroup(path)
@@ -135,7 +136,7 @@ def remove_idle_cgroups() -> None:
         remove_cgroup(path)
 
 
-def cgroup_members(path: str) -> list:
+def list_cgroup_members(path: str) -> list:
     with open(os.path.join(path, "cgroup.procs")) as f:
         return [int(line) for line in f if line.strip()]
 
@@ -166,7 +167,7 @@ def remove_cgroup(path: Optional[str]) -> None:
         return
     for _ in range(2000):
         try:
-            for pid in cgroup_members(path):
+            for pid in list_cgroup_members(path):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
@@ -190,7 +191,7 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, onerror=retry)
 
 
-def tail(path: str) -> str:
+def read_tail(path: str) -> str:
     with open(path, "rb") as f:
         f.seek(max(os.path.getsize(path) - TAIL_BYTES, 0))
         return f.read().decode("utf-8", "replace")
@@ -230,7 +231,7 @@ def run_program(program: str, tests: str, limits: Optional[Limits] = None, *, is
         if status is None:  # the supervisor did not report in time: end its whole session
             kill_session(proc.pid)
         proc.wait()
-        return outcome(status, nonce, limits, tail(out_path), tail(err_path))
+        return make_outcome(status, nonce, limits, read_tail(out_path), read_tail(err_path))
     finally:
         if status_w is not None:
             os.close(status_w)
@@ -263,7 +264,7 @@ def kill_session(pid: int) -> None:
         pass
 
 
-def outcome(status: Optional[dict], nonce: str, limits: Limits, stdout: str, stderr: str) -> Outcome:
+def make_outcome(status: Optional[dict], nonce: str, limits: Limits, stdout: str, stderr: str) -> Outcome:
     if status is None:
         return Outcome(False, f"the sandbox did not report within {limits.wall_seconds + BACKSTOP_SECONDS:.0f} s",
                        None, True, limits.wall_seconds + BACKSTOP_SECONDS, 0.0, stdout, stderr)
@@ -287,12 +288,12 @@ def outcome(status: Optional[dict], nonce: str, limits: Limits, stdout: str, std
     elif record is not None:
         error = str(record.get("error") or "failed")
     else:
-        error = ended_early(code, status["cpu_seconds"], limits, stderr)
+        error = explain_early_end(code, status["cpu_seconds"], limits, stderr)
     return Outcome(passed, error, code, timed_out, status["wall_seconds"], status["cpu_seconds"], stdout, stderr,
                    tuple(status["capabilities"]))
 
 
-def ended_early(code: int, cpu: float, limits: Limits, stderr: str) -> str:
+def explain_early_end(code: int, cpu: float, limits: Limits, stderr: str) -> str:
     """Why a runner that wrote no report ended."""
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"

@@ -100,7 +100,7 @@ def be_init(job: dict, result_w: int, bound: str, status_w: int) -> None:
             os._exit(0)
 
 
-def descendants(root: int) -> set:
+def find_descendants(root: int) -> set:
     """Every live process below `root`, from the parent links in /proc."""
     children = {}
     for name in os.listdir("/proc"):
@@ -122,7 +122,7 @@ def descendants(root: int) -> set:
     return found
 
 
-def cgroup_members(cgroup) -> set:
+def list_cgroup_members(cgroup) -> set:
     if not cgroup:
         return set()
     try:
@@ -136,7 +136,7 @@ def kill_all(cgroup) -> int:
     """SIGKILL every descendant (and cgroup member) and reap them, until none is left; returns how many."""
     killed = 0
     for _ in range(1000):
-        victims = descendants(os.getpid()) | cgroup_members(cgroup)
+        victims = find_descendants(os.getpid()) | list_cgroup_members(cgroup)
         if not victims:
             break
         for pid in victims:

@@ -3,7 +3,7 @@
 import os
 
 from mftcore.codeeval.benchmarks import read_benchmark
-from mftcore.codeeval.prompts import extract_code, instruction, program_of, prompt_ids, truncate_at_stops
+from mftcore.codeeval.prompts import extract_code, program_of, prompt_ids, render_instruction, truncate_at_stops
 from mftcore.commands.generate import Generator
 from mftcore.data.render import DEFAULT_ROLE_MARKERS, render_record, tokenize_segments
 from mftcore.sandbox import run_program
@@ -16,7 +16,7 @@ MARKERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant":
 
 def test_training_format_prompt_is_the_training_tokens(tokenizer):
     gen = Generator(None, tokenizer, MARKERS, None)
-    rounds = [{"role": "human", "content": instruction(HE[2])}, {"role": "bot", "content": "x"}]
+    rounds = [{"role": "human", "content": render_instruction(HE[2])}, {"role": "bot", "content": "x"}]
     ids, mask = tokenize_segments(render_record({"chat_rounds": rounds}, MARKERS), tokenizer, tokenizer.eos_token_id)
     assert prompt_ids(gen, HE[2], "training") == ids[:mask.index(1)]
     text = tokenizer.decode(prompt_ids(gen, MBPP[0], "training"))

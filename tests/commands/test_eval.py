@@ -46,8 +46,8 @@ def test_sampled_pass_at_k_raw_prompts_and_adapter(model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     adapter = str(tmp_path / "adapter")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(adapter)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora).save_pretrained(adapter)
     out = tmp_path / "mbpp.jsonl"
     args = ["eval", model_dir, "--adapter", adapter, "--benchmark", MBPP, "--n", "3", "--k", "1", "3",
             "--temperature", "1.0", "--prompt_format", "raw", "--max_new_tokens", "10", "--name", "mbpp",
