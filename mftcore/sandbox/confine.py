@@ -65,15 +65,27 @@ def syscall(number: int, *args) -> int:
 
 # --- namespaces and mounts -----------------------------------------------------------------------
 
-def enter_namespaces() -> None:
-    """A user namespace whose uid and gid map to this process's own (files keep their owners), and new
-    network, PID, mount, IPC and UTS namespaces owned by it. PID: only this process's children live in it."""
+def enter_namespaces() -> list:
+    """A user namespace whose uid and gid map to this process's own (files keep their owners), then new
+    network, PID, mount, IPC and UTS namespaces owned by it, one at a time: returns the names of those
+    entered ("userns", "netns", "pidns", "mountns"), so that a platform that allows only some of them
+    (a container refusing CLONE_NEWUSER, an LSM refusing mounts) gets those. PID: only this process's
+    children live in the new one. Never raises."""
     uid, gid = os.geteuid(), os.getegid()
-    check(LIBC.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS),
-          "unshare")
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
+    if LIBC.unshare(CLONE_NEWUSER) < 0:
+        return []
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError:
+        return ["userns"]  # ids unmapped: ask no more of it (the runner drops its capabilities all the same)
+    entered = ["userns"]
+    for flag, name in ((CLONE_NEWNET, "netns"), (CLONE_NEWPID, "pidns"), (CLONE_NEWNS, "mountns"),
+                       (CLONE_NEWIPC | CLONE_NEWUTS, None)):
+        if LIBC.unshare(flag) == 0 and name:
+            entered.append(name)
+    return entered
 
 
 def make_mounts_read_only() -> None:

@@ -38,6 +38,17 @@ SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "superviso
 BACKSTOP_SECONDS = 15.0
 TAIL_BYTES = 4000
 CONFINE_FAILED = 111  # the runner's exit code when it could not apply a restriction
+# Isolation modes: the features each does without. "auto" uses everything the platform allows; the
+# others are what a platform lacking those features gets (tests/sandbox runs each one here, so that the
+# paths a CI machine or a container takes are the ones tested). Whatever a mode lacks, a run is refused
+# (SandboxError) rather than run with a hole in supervisor.FLOOR.
+ISOLATION = {
+    "auto": (),
+    "fallback": ("namespaces", "cgroup"),
+    "no-landlock": ("landlock",),
+    "no-seccomp": ("seccomp",),
+    "no-namespaces-no-seccomp": ("namespaces", "cgroup", "seccomp"),
+}
 # Besides the Python installation: shared libraries (and the loader's cache), the few files under /etc
 # the standard library reads (time zone, users, TLS roots, MIME types), random devices, the CPU count.
 SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/localtime",
@@ -200,18 +211,23 @@ def read_tail(path: str) -> str:
 def run_program(program: str, tests: str, limits: Optional[Limits] = None, *, isolation: str = "auto") -> Outcome:
     """Run `program` then `tests` (Python source) in the sandbox; see the module docstring.
     isolation "auto": every restriction the platform allows; "fallback": no namespaces and no cgroup
-    (what a platform without them gets: Landlock, seccomp, rlimits, the subreaper; for tests)."""
+    (what a platform without them gets: Landlock, seccomp, rlimits, the subreaper); the other ISOLATION
+    modes do without other features (for tests). SandboxError where the platform, less what the mode
+    denies, cannot stop one of the escapes of supervisor.FLOOR."""
     limits = limits or Limits()
+    if isolation not in ISOLATION:
+        raise SandboxError(f"sandbox: isolation must be one of {', '.join(ISOLATION)}, got {isolation!r}")
+    deny = ISOLATION[isolation]
     nonce = secrets.token_hex(16)
     base = tempfile.mkdtemp(prefix="mftcore-sandbox-")
     workdir = os.path.join(base, "work")
     os.mkdir(workdir, 0o700)
     max_pids = limits.max_processes + 1  # the supervisor counts too
-    cgroup = acquire_cgroup(max_pids) if isolation == "auto" else None
+    cgroup = None if "cgroup" in deny else acquire_cgroup(max_pids)
     status_r, status_w = os.pipe()
     try:
         job = {"program": program, "tests": tests, "nonce": nonce, "workdir": workdir, "cgroup": cgroup,
-               "isolation": isolation, "limits": asdict(limits), "read_roots": read_roots(),
+               "deny": list(deny), "limits": asdict(limits), "read_roots": read_roots(),
                "sys_path": runner_sys_path(), "status_fd": status_w}
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
@@ -268,6 +284,8 @@ def make_outcome(status: Optional[dict], nonce: str, limits: Limits, stdout: str
     if status is None:
         return Outcome(False, f"the sandbox did not report within {limits.wall_seconds + BACKSTOP_SECONDS:.0f} s",
                        None, True, limits.wall_seconds + BACKSTOP_SECONDS, 0.0, stdout, stderr)
+    if "refused" in status:
+        raise SandboxError(status["refused"])
     code, timed_out = status["exit_code"], status["timed_out"]
     if code == CONFINE_FAILED and not status["result"]:
         raise SandboxError(stderr.strip().splitlines()[-1] if stderr.strip() else "sandbox: the runner failed")
@@ -313,6 +331,8 @@ class SandboxPool:
         self.workers = workers or os.cpu_count() or 1
         self.limits = limits or Limits()
         self.isolation = isolation
+        if isolation not in ISOLATION:
+            raise SandboxError(f"sandbox: isolation must be one of {', '.join(ISOLATION)}, got {isolation!r}")
         if self.workers < 1:
             raise SandboxError(f"sandbox: workers must be >= 1, got {self.workers}")
         self.limits.check()

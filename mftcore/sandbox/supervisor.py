@@ -42,22 +42,43 @@ def set_limits(limits: dict, count_processes: bool) -> None:
         resource.setrlimit(which, value if isinstance(value, tuple) else (value, value))
 
 
-def runner_capabilities(in_namespace: bool) -> list:
-    """What confine_runner will apply on this platform (it fails rather than apply less)."""
-    abi = confine.landlock_abi()
-    caps = ["no-capabilities"] if in_namespace or os.geteuid() == 0 else []
+def runner_capabilities(userns: bool, deny) -> list:
+    """What confine_runner will apply on this platform (it fails rather than apply less); `deny`: the
+    features the job asks to do without ("landlock", "seccomp"; executor.ISOLATION)."""
+    abi = 0 if "landlock" in deny else confine.landlock_abi()
+    caps = ["no-capabilities"] if userns or os.geteuid() == 0 else []
     if abi >= 1:
         caps += ["landlock-fs"] + (["landlock-net"] if abi >= 4 else []) + (["landlock-scope"] if abi >= 6 else [])
-    return caps + (["seccomp"] if confine.ARCH is not None else [])
+    return caps + (["seccomp"] if confine.ARCH is not None and "seccomp" not in deny else [])
 
 
-def confine_runner(job: dict, in_namespace: bool, bound: str) -> None:
+# What a sandbox must stop, and the capabilities of which any one does (a run where none applies is
+# refused before any untrusted code runs, rather than run less confined). Landlock also confines ptrace
+# and process_vm_readv to the sandbox's own processes.
+FLOOR = (
+    ("reads and writes outside its directory", ("landlock-fs",)),
+    ("the network", ("netns", "seccomp")),
+    ("new processes", ("pids-cgroup", "rlimit-nproc", "seccomp")),
+    ("signals to the harness", ("pidns", "landlock-scope")),
+)
+
+
+def find_refusal(caps: list):
+    """None when every line of FLOOR holds for these capabilities, else the one-line reason it does not."""
+    for what, means in FLOOR:
+        if not set(means) & set(caps):
+            return (f"sandbox: this platform cannot confine {what} (it needs one of: {', '.join(means)}; "
+                    f"available: {', '.join(caps) or 'none'})")
+    return None
+
+
+def confine_runner(job: dict, userns: bool, bound: str) -> None:
     """Everything the runner applies to itself before the untrusted code: the rlimits, then what
     runner_capabilities names. Any failure is fatal (OSError): no untrusted code runs less confined."""
     os.chdir(job["workdir"])
     set_limits(job["limits"], count_processes=bound == "rlimit-nproc")
     confine.set_no_new_privs()
-    caps = runner_capabilities(in_namespace)
+    caps = runner_capabilities(userns, job["deny"])
     if "no-capabilities" in caps:
         confine.drop_capabilities()
     if "landlock-fs" in caps:
@@ -66,12 +87,12 @@ def confine_runner(job: dict, in_namespace: bool, bound: str) -> None:
         confine.apply_seccomp(no_new_processes=bound == "no-new-processes")
 
 
-def run_runner(job: dict, result_w: int, in_namespace: bool, bound: str) -> None:
+def run_runner(job: dict, result_w: int, userns: bool, bound: str) -> None:
     """The forked runner: confine, then run the program and its tests. Never returns."""
     try:
         os.dup2(result_w, RESULT_FD)  # replaces the status pipe: the runner never holds it
         os.closerange(RESULT_FD + 1, 1 << 16)
-        confine_runner(job, in_namespace, bound)
+        confine_runner(job, userns, bound)
         sys.path[:] = job["sys_path"]
     except BaseException as e:
         sys.stderr.write(f"sandbox: could not confine the runner: {e}\n")
@@ -88,7 +109,7 @@ def be_init(job: dict, result_w: int, bound: str, status_w: int) -> None:
     runner_pid = os.fork()
     if runner_pid == 0:
         os.close(status_w)
-        run_runner(job, result_w, True, bound)
+        run_runner(job, result_w, True, bound)  # a PID namespace is entered only inside a user namespace
     os.close(result_w)
     while True:
         try:
@@ -201,32 +222,32 @@ def read_result(fd: int) -> str:
 
 
 def isolate(job: dict) -> tuple:
-    """(capabilities, in a user namespace, how processes are bounded) for what this platform allowed."""
+    """(capabilities, the namespaces entered, how processes are bounded) for what this platform allowed
+    and the job did not deny."""
+    host_uid = os.geteuid()  # the kernel never counts processes for uid 0, inside a namespace or not
     caps = []
     if job.get("cgroup"):
         with open(os.path.join(job["cgroup"], "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
         caps.append("pids-cgroup")
-    in_namespace = False
-    if job["isolation"] == "auto":
+    entered = [] if "namespaces" in job["deny"] else confine.enter_namespaces()
+    caps += entered
+    if "mountns" in entered:
         try:
-            confine.enter_namespaces()
-            in_namespace = True
-            caps += ["userns", "netns", "pidns", "mountns"]
             confine.make_mounts_read_only()
             caps.append("readonly-mounts")
             confine.mount_tmpfs(job["workdir"], job["limits"]["disk_mb"])
             caps.append("tmpfs-workdir")
         except OSError:
-            pass  # what was entered stays; what failed is not claimed
+            pass  # what was applied stays; what failed is not claimed
     confine.become_subreaper()
     if job.get("cgroup"):
         bound = "pids-cgroup"
-    elif in_namespace and os.geteuid() != 0:  # the kernel never counts processes for uid 0
+    elif "userns" in entered and host_uid != 0:  # RLIMIT_NPROC counts per user namespace
         bound = "rlimit-nproc"
     else:
         bound = "no-new-processes"
-    return caps, in_namespace, bound
+    return caps, entered, bound
 
 
 def main() -> None:
@@ -234,8 +255,13 @@ def main() -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    caps, in_namespace, bound = isolate(job)
-    caps += ([] if bound == "pids-cgroup" else [bound]) + runner_capabilities(in_namespace)
+    caps, entered, bound = isolate(job)
+    userns, pidns = "userns" in entered, "pidns" in entered
+    caps += ([] if bound == "pids-cgroup" else [bound]) + runner_capabilities(userns, job["deny"])
+    refusal = find_refusal(caps)
+    if refusal is not None:
+        os.write(job["status_fd"], json.dumps({"refused": refusal, "capabilities": caps}).encode())
+        return
     result_r, result_w = os.pipe()
     init_r, init_w = os.pipe()
     started = time.monotonic()
@@ -243,16 +269,16 @@ def main() -> None:
     if pid == 0:
         os.close(result_r)
         os.close(init_r)
-        if in_namespace:
+        if pidns:
             be_init(job, result_w, bound, init_w)
         os.close(init_w)
-        run_runner(job, result_w, False, bound)
+        run_runner(job, result_w, userns, bound)
     os.close(result_w)
     os.close(init_w)
     status, usage, timed_out = wait_for(pid, job["limits"]["wall_seconds"])
     wall = time.monotonic() - started
     leftover = kill_all(job.get("cgroup"))
-    runner_status = os.read(init_r, 4) if in_namespace else b""
+    runner_status = os.read(init_r, 4) if pidns else b""
     if len(runner_status) == 4:  # init's own status says only that it passed the runner's on
         status = struct.unpack("i", runner_status)[0]
     report = {

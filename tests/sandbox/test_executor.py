@@ -1,11 +1,15 @@
 """The executor against hand-written completions: what passes, what fails, and that nothing escapes.
 
-Every case runs twice: with every restriction this platform allows ("auto": namespaces, a pids cgroup,
-Landlock, seccomp) and as a platform without namespaces or cgroups would run it ("fallback": Landlock,
-seccomp, rlimits and the subreaper alone). Limits are small so that the time-outs cost little; a
+Every case runs in each isolation mode (executor.ISOLATION) this platform can run: with every
+restriction it allows ("auto": namespaces, a pids cgroup, Landlock, seccomp), as a platform without
+namespaces or cgroups would run it ("fallback": Landlock, seccomp, rlimits and the subreaper alone), and
+without seccomp or Landlock; which modes can run is asked of the kernel here, apart from the sandbox,
+and a mode that cannot stop every escape must be refused. Limits are small so that the time-outs cost little; a
 completion meant to pass has 30 s of wall clock, so a loaded machine cannot fail it.
 """
 
+import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -17,7 +21,7 @@ import pytest
 
 from mftcore.errors import SandboxError
 from mftcore.sandbox import Limits, SandboxPool, run_program
-from mftcore.sandbox.executor import SUPERVISOR
+from mftcore.sandbox.executor import ISOLATION, SUPERVISOR
 from tests.helpers.paths import ROOT
 
 FAST = Limits(wall_seconds=30, cpu_seconds=2, memory_mb=512, max_processes=6)
@@ -25,17 +29,37 @@ SHORT = Limits(wall_seconds=2, cpu_seconds=1, memory_mb=512, max_processes=6)
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
 
-pytestmark = pytest.mark.parametrize("isolation", ["auto", "fallback"])
+# Asked of the kernel directly, not of the sandbox: which namespaces a process may enter one by one
+# after a user namespace, and whether it may then remount.
+PROBE_NAMESPACES = """
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid, got = os.geteuid(), os.getegid(), []
+if libc.unshare(0x10000000) == 0:
+    got.append("userns")
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        got += [name for flag, name in ((0x40000000, "netns"), (0x20000000, "pidns"), (0x00020000, "mountns"))
+                if libc.unshare(flag) == 0]
+        if "mountns" in got and libc.mount(None, b"/", None, ctypes.c_ulong(0x4000 | 0x40000), None) == 0:
+            got += ["readonly-mounts", "tmpfs-workdir"]
+    except OSError:
+        pass
+print(json.dumps(got))
+"""
 
 
-PROBE_USERNS = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                "os._exit(0 if libc.unshare(0x10000000 | 0x40000000 | 0x20000000 | 0x00020000) == 0 else 1)\n")
+def probe_namespaces() -> set:
+    out = subprocess.run([sys.executable, "-c", PROBE_NAMESPACES], capture_output=True, text=True)
+    return set(json.loads(out.stdout)) if out.returncode == 0 else set()
 
 
-def platform_has_namespaces() -> bool:
-    """Whether this machine lets a process make user, network, PID and mount namespaces (asked of the
-    kernel directly, not of the sandbox)."""
-    return subprocess.run([sys.executable, "-c", PROBE_USERNS]).returncode == 0
+def probe_landlock_abi() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return max(int(libc.syscall(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint(1))), 0)
 
 
 def platform_has_pids_cgroup() -> bool:
@@ -44,15 +68,49 @@ def platform_has_pids_cgroup() -> bool:
                    for _, where, kind, opts, *_ in (line.split() for line in f))
 
 
+NAMESPACES, LANDLOCK_ABI, PIDS_CGROUP = probe_namespaces(), probe_landlock_abi(), platform_has_pids_cgroup()
+
+
 def expected_capabilities(isolation: str) -> set:
-    caps = {"landlock-fs", "seccomp", "no-capabilities"}
-    if isolation == "fallback":
-        return caps | {"no-new-processes"}
-    if platform_has_namespaces():
-        caps |= {"userns", "netns", "pidns", "mountns", "readonly-mounts", "tmpfs-workdir"}
-    if platform_has_pids_cgroup():
-        return caps | {"pids-cgroup"}
-    return caps | {"rlimit-nproc" if "userns" in caps and os.geteuid() != 0 else "no-new-processes"}
+    """What the sandbox should apply in this mode on this platform."""
+    deny = ISOLATION[isolation]
+    caps = set() if "namespaces" in deny else set(NAMESPACES)
+    if PIDS_CGROUP and "cgroup" not in deny:
+        caps.add("pids-cgroup")
+    else:
+        caps.add("rlimit-nproc" if "userns" in caps and os.geteuid() != 0 else "no-new-processes")
+    if "userns" in caps or os.geteuid() == 0:
+        caps.add("no-capabilities")
+    if LANDLOCK_ABI >= 1 and "landlock" not in deny:
+        caps |= {"landlock-fs"} | ({"landlock-net"} if LANDLOCK_ABI >= 4 else set()) | (
+            {"landlock-scope"} if LANDLOCK_ABI >= 6 else set())
+    if "seccomp" not in deny:
+        caps.add("seccomp")
+    return caps
+
+
+def expected_refusal(isolation: str):
+    """The escape (as the sandbox's refusal names it) this mode cannot stop here, or None."""
+    caps = expected_capabilities(isolation)
+    if "landlock-fs" not in caps:
+        return "reads and writes outside its directory"
+    if not caps & {"netns", "seccomp"}:
+        return "the network"
+    if not caps & {"pids-cgroup", "rlimit-nproc", "seccomp"}:
+        return "new processes"
+    if not caps & {"pidns", "landlock-scope"}:
+        return "signals to the harness"
+    return None
+
+
+# Every escape test runs in each mode this platform can run; test_modes_below_the_floor_are_refused
+# checks that the others are refused.
+RUNNABLE = [mode for mode in ISOLATION if expected_refusal(mode) is None]
+
+
+@pytest.fixture(params=RUNNABLE)
+def isolation(request):
+    return request.param
 
 
 def run(program, tests=ADD_TESTS, limits=FAST, isolation="auto"):
@@ -172,7 +230,7 @@ def test_fork_storm_is_bounded_and_killed(isolation):
     # counts processes for the sandbox alone, it may make none.
     counted = "no-new-processes" not in out.capabilities
     assert made <= FAST.max_processes if counted else made == 0
-    assert counted == (isolation == "auto" and bool(expected_capabilities("auto") & {"pids-cgroup", "rlimit-nproc"}))
+    assert counted == bool(expected_capabilities(isolation) & {"pids-cgroup", "rlimit-nproc"})
     assert supervisors_alive() == []
     many = "import subprocess\ndef add(a, b):\n    return int(subprocess.check_output(['echo', str(a + b)]))\n"
     assert run(many, isolation=isolation).passed == counted
@@ -245,8 +303,25 @@ def test_pool_keeps_the_order_and_reports_capabilities(isolation):
     seen = []
     outcomes = SandboxPool(workers=2, limits=FAST, isolation=isolation).run(jobs, progress=seen.append)
     assert [o.passed for o in outcomes] == [bool(i % 3) for i in range(9)] and len(seen) == 9
-    caps = set(outcomes[0].capabilities)
-    assert expected_capabilities(isolation) <= caps  # Landlock's net and scope rules depend on its version
-    assert caps - expected_capabilities(isolation) <= {"landlock-net", "landlock-scope"}
+    assert set(outcomes[0].capabilities) == expected_capabilities(isolation)
     with pytest.raises(SandboxError, match="memory_mb must be > 0"):
         SandboxPool(limits=Limits(memory_mb=0))
+
+
+@pytest.mark.parametrize("mode", list(ISOLATION))
+def test_modes_below_the_floor_are_refused(mode, tmp_path):
+    """A mode that cannot stop every escape here raises before any untrusted code runs; the others run."""
+    marker = tmp_path / "ran"
+    program = f"open({str(marker)!r}, 'w').close()\n" + ADD
+    reason = expected_refusal(mode)
+    if reason is None:
+        out = run(ADD, isolation=mode)
+        assert out.passed and set(out.capabilities) == expected_capabilities(mode)
+    else:
+        with pytest.raises(SandboxError, match=f"sandbox: this platform cannot confine {reason} "):
+            run(program, isolation=mode)
+        with pytest.raises(SandboxError, match="cannot confine"):
+            SandboxPool(workers=2, limits=FAST, isolation=mode).run([(program, ADD_TESTS)] * 3)
+        assert not marker.exists()
+    with pytest.raises(SandboxError, match="isolation must be one of auto, fallback"):
+        run(ADD, isolation="none")
