@@ -7,7 +7,8 @@ one means and reports which were applied (the capability names in CAPABILITIES).
 - namespaces: a user namespace (the uid maps to itself, so files stay readable) with its own network
   (no interface but a loopback that is down: no network at all), PIDs (the sandbox's first process is
   its init: when it dies the kernel kills every other process in it), mounts, IPC and hostname.
-- mounts: every mount read-only, then a size-limited tmpfs as the working directory.
+- mounts: every mount read-only, then a size-limited tmpfs as the working directory; where Landlock is
+  missing, a minimal root to chroot into (the readable directories and the working directory alone).
 - Landlock: reads only below the Python installation and the system's library directories, writes only
   below the working directory, no TCP, no signals or abstract UNIX sockets outside the sandbox.
 - seccomp: sockets other than AF_UNIX, ptrace and io_uring (which opens sockets past a socket filter)
@@ -28,7 +29,7 @@ LIBC.syscall.restype = ctypes.c_long
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 CLONE_THREAD = 0x00010000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER = 38, 24, 22, 36
 
@@ -101,6 +102,34 @@ def mount_tmpfs(path: str, size_mb: int) -> None:
     options = f"size={size_mb}m,mode=0700,uid={os.geteuid()},gid={os.getegid()}".encode()
     check(LIBC.mount(b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV), options),
           f"mount tmpfs on {path}")
+
+
+def build_minimal_root(root: str, sources, workdir: str) -> None:
+    """A tmpfs on `root` holding only `sources` (recursive bind mounts, read-only as every mount is by
+    then; symbolic links copied as links) and `workdir` (its writable tmpfs), at their own paths, and
+    then made read-only itself: what a process that chroots into it (and then holds no capability) can
+    reach where Landlock cannot limit reads. Call after make_mounts_read_only and mount_tmpfs."""
+    check(LIBC.mount(b"tmpfs", root.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV), b"size=1m,mode=0755"),
+          f"mount tmpfs on {root}")
+    done = []
+    for source in sorted({os.path.abspath(p) for p in [*sources, workdir]}):
+        if not os.path.lexists(source) or any(source.startswith(d + "/") for d in done):
+            continue  # absent here, or already inside a bound directory
+        target = root + source
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+            continue
+        if os.path.isdir(source):
+            os.mkdir(target)
+            done.append(source)
+        else:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+        check(LIBC.mount(source.encode(), target.encode(), None, ctypes.c_ulong(MS_BIND | MS_REC), None),
+              f"bind mount {source}")
+    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY, 0, 0, 0)
+    check(syscall(SYS_MOUNT_SETATTR, ctypes.c_int(AT_FDCWD), root.encode(), ctypes.c_uint(0), attr,
+                  ctypes.c_size_t(len(attr))), f"mount_setattr {root} read-only")
 
 
 def become_subreaper() -> None:

@@ -48,6 +48,7 @@ ISOLATION = {
     "no-landlock": ("landlock",),
     "no-seccomp": ("seccomp",),
     "no-namespaces-no-seccomp": ("namespaces", "cgroup", "seccomp"),
+    "no-namespaces-no-landlock": ("namespaces", "cgroup", "landlock"),
 }
 # Besides the Python installation: shared libraries (and the loader's cache), the few files under /etc
 # the standard library reads (time zone, users, TLS roots, MIME types), random devices, the CPU count.
@@ -222,12 +223,14 @@ def run_program(program: str, tests: str, limits: Optional[Limits] = None, *, is
     base = tempfile.mkdtemp(prefix="mftcore-sandbox-")
     workdir = os.path.join(base, "work")
     os.mkdir(workdir, 0o700)
+    os.mkdir(os.path.join(base, "root"), 0o700)  # where the supervisor may build a minimal root
     max_pids = limits.max_processes + 1  # the supervisor counts too
     cgroup = None if "cgroup" in deny else acquire_cgroup(max_pids)
     status_r, status_w = os.pipe()
     try:
         job = {"program": program, "tests": tests, "nonce": nonce, "workdir": workdir, "cgroup": cgroup,
-               "deny": list(deny), "limits": asdict(limits), "read_roots": read_roots(),
+               "root": os.path.join(base, "root"), "deny": list(deny), "limits": asdict(limits),
+               "read_roots": read_roots(),
                "sys_path": runner_sys_path(), "status_fd": status_w}
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}

@@ -56,7 +56,7 @@ def runner_capabilities(userns: bool, deny) -> list:
 # refused before any untrusted code runs, rather than run less confined). Landlock also confines ptrace
 # and process_vm_readv to the sandbox's own processes.
 FLOOR = (
-    ("reads and writes outside its directory", ("landlock-fs",)),
+    ("reads and writes outside its directory", ("landlock-fs", "minimal-root")),
     ("the network", ("netns", "seccomp")),
     ("new processes", ("pids-cgroup", "rlimit-nproc", "seccomp")),
     ("signals to the harness", ("pidns", "landlock-scope")),
@@ -75,6 +75,8 @@ def find_refusal(caps: list):
 def confine_runner(job: dict, userns: bool, bound: str) -> None:
     """Everything the runner applies to itself before the untrusted code: the rlimits, then what
     runner_capabilities names. Any failure is fatal (OSError): no untrusted code runs less confined."""
+    if job.get("root"):  # the minimal root of isolate(); the capabilities it takes to leave are dropped below
+        os.chroot(job["root"])
     os.chdir(job["workdir"])
     set_limits(job["limits"], count_processes=bound == "rlimit-nproc")
     confine.set_no_new_privs()
@@ -238,6 +240,9 @@ def isolate(job: dict) -> tuple:
             caps.append("readonly-mounts")
             confine.mount_tmpfs(job["workdir"], job["limits"]["disk_mb"])
             caps.append("tmpfs-workdir")
+            if "landlock" in job["deny"] or confine.landlock_abi() < 1:
+                confine.build_minimal_root(job["root"], job["read_roots"] + ["/dev/null"], job["workdir"])
+                caps.append("minimal-root")
         except OSError:
             pass  # what was applied stays; what failed is not claimed
     confine.become_subreaper()
@@ -256,6 +261,8 @@ def main() -> None:
     os.dup2(null, 0)
     os.close(null)
     caps, entered, bound = isolate(job)
+    if "minimal-root" not in caps:
+        job["root"] = None
     userns, pidns = "userns" in entered, "pidns" in entered
     caps += ([] if bound == "pids-cgroup" else [bound]) + runner_capabilities(userns, job["deny"])
     refusal = find_refusal(caps)
