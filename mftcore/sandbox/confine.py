@@ -32,6 +32,7 @@ CLONE_THREAD = 0x00010000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER = 38, 24, 22, 36
+PR_GET_SECCOMP = 21
 
 # Syscall numbers: the ones added since 4.x are shared by every architecture.
 SYS_MOUNT_SETATTR, SYS_LANDLOCK_CREATE, SYS_LANDLOCK_ADD, SYS_LANDLOCK_RESTRICT = 442, 444, 445, 446
@@ -228,6 +229,11 @@ def seccomp_program(no_new_processes: bool) -> bytes:
                  (ret, 0, 0, eperm)]
     prog.append((ret, 0, 0, allow))
     return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
+
+def seccomp_available() -> bool:
+    """Whether this kernel has seccomp (PR_GET_SECCOMP fails with EINVAL without it) for a known architecture."""
+    return ARCH is not None and LIBC.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) >= 0
 
 
 def apply_seccomp(no_new_processes: bool) -> None:

@@ -250,6 +250,10 @@ def run_program(program: str, tests: str, limits: Optional[Limits] = None, *, is
         if status is None:  # the supervisor did not report in time: end its whole session
             kill_session(proc.pid)
         proc.wait()
+        if status == {}:  # it ended without a status: a fault of the sandbox here, not of the completion
+            last = read_tail(err_path).strip().splitlines()
+            raise SandboxError(f"sandbox: the supervisor ended (status {proc.returncode}) without a report"
+                               + (f": {last[-1][:300]}" if last else ""))
         return make_outcome(status, nonce, limits, read_tail(out_path), read_tail(err_path))
     finally:
         if status_w is not None:
@@ -260,7 +264,8 @@ def run_program(program: str, tests: str, limits: Optional[Limits] = None, *, is
 
 
 def read_status(fd: int, seconds: float) -> Optional[dict]:
-    """The supervisor's status (JSON, written once at its end), or None if it has not come in `seconds`."""
+    """The supervisor's status (JSON, written once at its end), None if it has not come in `seconds`, {}
+    if the pipe closed without one."""
     chunks, end = [], time.monotonic() + seconds
     while True:
         left = end - time.monotonic()
@@ -271,9 +276,10 @@ def read_status(fd: int, seconds: float) -> Optional[dict]:
             break
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        status = json.loads(b"".join(chunks))
     except ValueError:
-        return None
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def kill_session(pid: int) -> None:

@@ -4,8 +4,10 @@ pipe (job["status_fd"], where this process writes its status, JSON). Standard li
 
 It joins the job's pids cgroup (if the harness made one), enters new namespaces where the platform
 allows (confine.enter_namespaces), makes every mount read-only and mounts a tmpfs as the working
-directory, then forks the new PID namespace's init (be_init), which forks the runner. The runner confines
-itself further (rlimits, no capabilities, Landlock, seccomp) before it runs any untrusted code.
+directory (and, without Landlock, builds a minimal root), then forks the new PID namespace's init
+(be_init), which forks the runner. The runner confines itself further (chroot, rlimits, no
+capabilities, Landlock, seccomp) before it runs any untrusted code. Where what the platform allows
+(less what the job denies) leaves a line of FLOOR open, nothing is forked: the status says why.
 This process stays outside all of that: it enforces the wall-clock limit, then kills every process the
 runner left (the PID namespace's init dying takes them all; without one, the subreaper's descendants
 and the cgroup's members, until none is left) and reports.
@@ -49,7 +51,7 @@ def runner_capabilities(userns: bool, deny) -> list:
     caps = ["no-capabilities"] if userns or os.geteuid() == 0 else []
     if abi >= 1:
         caps += ["landlock-fs"] + (["landlock-net"] if abi >= 4 else []) + (["landlock-scope"] if abi >= 6 else [])
-    return caps + (["seccomp"] if confine.ARCH is not None and "seccomp" not in deny else [])
+    return caps + (["seccomp"] if confine.seccomp_available() and "seccomp" not in deny else [])
 
 
 # What a sandbox must stop, and the capabilities of which any one does (a run where none applies is
@@ -228,10 +230,13 @@ def isolate(job: dict) -> tuple:
     and the job did not deny."""
     host_uid = os.geteuid()  # the kernel never counts processes for uid 0, inside a namespace or not
     caps = []
-    if job.get("cgroup"):
-        with open(os.path.join(job["cgroup"], "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-        caps.append("pids-cgroup")
+    try:
+        if job.get("cgroup"):
+            with open(os.path.join(job["cgroup"], "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            caps.append("pids-cgroup")
+    except OSError:  # made but not joinable (a delegation the harness cannot use): bound otherwise
+        job["cgroup"] = None
     entered = [] if "namespaces" in job["deny"] else confine.enter_namespaces()
     caps += entered
     if "mountns" in entered:
@@ -246,7 +251,7 @@ def isolate(job: dict) -> tuple:
         except OSError:
             pass  # what was applied stays; what failed is not claimed
     confine.become_subreaper()
-    if job.get("cgroup"):
+    if "pids-cgroup" in caps:
         bound = "pids-cgroup"
     elif "userns" in entered and host_uid != 0:  # RLIMIT_NPROC counts per user namespace
         bound = "rlimit-nproc"

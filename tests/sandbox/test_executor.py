@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -68,7 +69,13 @@ def platform_has_pids_cgroup() -> bool:
                    for _, where, kind, opts, *_ in (line.split() for line in f))
 
 
+def probe_seccomp() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return os.uname().machine in ("x86_64", "aarch64") and libc.prctl(21, 0, 0, 0, 0) >= 0  # PR_GET_SECCOMP
+
+
 NAMESPACES, LANDLOCK_ABI, PIDS_CGROUP = probe_namespaces(), probe_landlock_abi(), platform_has_pids_cgroup()
+SECCOMP = probe_seccomp()
 
 
 def expected_capabilities(isolation: str) -> set:
@@ -86,7 +93,7 @@ def expected_capabilities(isolation: str) -> set:
     else:
         caps |= {"landlock-fs"} | ({"landlock-net"} if LANDLOCK_ABI >= 4 else set()) | (
             {"landlock-scope"} if LANDLOCK_ABI >= 6 else set())
-    if "seccomp" not in deny:
+    if SECCOMP and "seccomp" not in deny:
         caps.add("seccomp")
     return caps
 
@@ -328,3 +335,38 @@ def test_modes_below_the_floor_are_refused(mode, tmp_path):
         assert not marker.exists()
     with pytest.raises(SandboxError, match="isolation must be one of auto, fallback"):
         run(ADD, isolation="none")
+
+
+def test_a_failed_supervisor_is_an_error_and_a_hung_one_is_killed(tmp_path, monkeypatch):
+    """Not the completion's fault: a supervisor that ends without a status raises; one that never
+    reports is killed with its whole session once the backstop has passed, and the completion failed."""
+    from mftcore.sandbox import executor
+
+    crash = tmp_path / "crash.py"
+    crash.write_text("import sys\nsys.stderr.write('broken here\\n')\nsys.exit(3)\n")
+    monkeypatch.setattr(executor, "SUPERVISOR", str(crash))
+    with pytest.raises(SandboxError, match=r"supervisor ended \(status 3\) without a report: broken here"):
+        run_program(ADD, ADD_TESTS, FAST)
+    hang = tmp_path / "hang.py"
+    hang.write_text("import os, time\nos.fork()\ntime.sleep(120)\n")
+    monkeypatch.setattr(executor, "SUPERVISOR", str(hang))
+    monkeypatch.setattr(executor, "BACKSTOP_SECONDS", 0.5)
+    out = run_program(ADD, ADD_TESTS, Limits(wall_seconds=0.5))
+    assert not out.passed and out.timed_out and out.error == "the sandbox did not report within 1 s"
+    for _ in range(500):  # SIGKILL is delivered asynchronously: the forked child may take a moment to go
+        if not processes_running(str(hang)):
+            break
+        time.sleep(0.01)
+    assert processes_running(str(hang)) == []
+
+
+def processes_running(script: str) -> list:
+    """Live processes whose command line names `script` (a zombie's is empty)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found += [int(pid)] if script.encode() in f.read() else []
+        except OSError:
+            pass
+    return found
