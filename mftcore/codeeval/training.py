@@ -22,17 +22,21 @@ from mftcore.codeeval.spec import parse_metric, parse_specs
 from mftcore.errors import ConfigError
 from mftcore.io import atomic_write_text
 from mftcore.parallel.comm import gather_objects
+from mftcore.sandbox import check_platform
 
 
 def check_benchmarks(cfg) -> tuple:
-    """(specs, metric) of a config: one-line errors (a local file that is not there too) before anything
-    is loaded."""
+    """(specs, metric) of a config: one-line errors (a local file that is not there too, a platform where
+    the sandbox cannot run) before anything is loaded."""
     specs = parse_specs(cfg.eval_benchmarks)
     for i, spec in enumerate(specs):
         if not spec.file.startswith(HF_PREFIX) and not os.path.isfile(spec.file):
             raise ConfigError(f"config: eval_benchmarks[{i}].file: {spec.file}: benchmark file not found "
                               f"(a Hugging Face dataset is written hf:NAME)")
-    return specs, parse_metric(cfg.metric_for_best, specs)
+    metric = parse_metric(cfg.metric_for_best, specs)
+    if specs:
+        check_platform()
+    return specs, metric
 
 
 def local_workers() -> int:

@@ -16,6 +16,7 @@ from mftcore.codeeval.benchmarks import read_benchmark
 from mftcore.codeeval.harness import evaluate_benchmark
 from mftcore.codeeval.spec import BenchmarkSpec, check_spec
 from mftcore.io import atomic_write_text
+from mftcore.sandbox import check_platform
 
 
 def default_name(source: str) -> str:
@@ -38,6 +39,7 @@ def evaluate_model(model_dir: str, benchmark: str, *, adapter: str | None = None
                          **{k: v for k, v in options.items() if v is not None})
     check_spec(spec, "eval")
     problems = read_benchmark(benchmark, split=spec.split, tag=spec.tag, limit=spec.limit)
+    check_platform()  # a platform the sandbox refuses: one line now, before the model loads
     gen = load_generator(model_dir, adapter, trust_remote_code)
     with tqdm(total=len(problems) * spec.n, desc="generate", unit="completion") as bar:
         result = evaluate_benchmark(gen, problems, spec, seed=spec.seed, progress=bar.update)

@@ -333,6 +333,22 @@ def explain_early_end(code: int, cpu: float, limits: Limits, stderr: str) -> str
     return f"exited with status {code} before the tests finished" + (f" ({last[:300]})" if last else "")
 
 
+CHECKED: dict = {}  # (isolation, what it denies) -> capabilities, for check_platform
+
+
+def check_platform(isolation: str = "auto") -> tuple:
+    """The capabilities the sandbox applies here in this mode, from a trivial run (once per process);
+    SandboxError, one line, where it would refuse: for the callers that should fail before loading a
+    model or training for hours rather than at their first evaluation."""
+    key = (isolation, ISOLATION.get(isolation))
+    if key not in CHECKED:
+        outcome = run_program("pass\n", "pass\n", Limits(wall_seconds=60), isolation=isolation)
+        if not outcome.passed:
+            raise SandboxError(f"sandbox: a trivial program failed here ({outcome.error})")
+        CHECKED[key] = outcome.capabilities
+    return CHECKED[key]
+
+
 class SandboxPool:
     """Runs many (program, tests) pairs, `workers` at a time (default: the CPU count), in order."""
 

@@ -97,3 +97,15 @@ def test_config_mistakes_are_one_line(tmp_path, updates, message):
         train(engine_config(tmp_path / "out", **updates))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_a_platform_the_sandbox_refuses_stops_the_run_before_it_trains(tmp_path, monkeypatch):
+    """As on a machine with neither Landlock nor namespaces: one line when training starts, not an
+    error at the first evaluation hours later."""
+    from mftcore.errors import SandboxError
+    from mftcore.sandbox import executor
+
+    monkeypatch.setitem(executor.ISOLATION, "auto", ("namespaces", "cgroup", "landlock"))
+    with pytest.raises(SandboxError, match="^sandbox: this platform cannot confine reads and writes") as e:
+        train(engine_config(tmp_path / "out", eval_benchmarks=BENCHMARKS[:1], **RUN))
+    assert "\n" not in str(e.value) and not (tmp_path / "out" / "metrics.jsonl").exists()  # no step ran

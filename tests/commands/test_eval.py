@@ -75,3 +75,12 @@ def test_bad_benchmark_line_names_file_and_line(model_dir, tmp_path, capsys):
     assert main(["eval", model_dir, "--benchmark", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mftcore: error: {path}:2: "), err
+
+
+def test_a_platform_the_sandbox_refuses_is_one_line(model_dir, capsys, monkeypatch):
+    from mftcore.sandbox import executor
+
+    monkeypatch.setitem(executor.ISOLATION, "auto", ("namespaces", "cgroup", "landlock"))
+    assert main(["eval", model_dir, "--benchmark", HE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sandbox: this platform cannot confine reads and writes" in err[0], err

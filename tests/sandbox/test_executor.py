@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from mftcore.errors import SandboxError
-from mftcore.sandbox import Limits, SandboxPool, run_program
+from mftcore.sandbox import Limits, SandboxPool, check_platform, run_program
 from mftcore.sandbox.executor import ISOLATION, SUPERVISOR
 from tests.helpers.paths import ROOT
 
@@ -327,11 +327,14 @@ def test_modes_below_the_floor_are_refused(mode, tmp_path):
     if reason is None:
         out = run(ADD, isolation=mode)
         assert out.passed and set(out.capabilities) == expected_capabilities(mode)
+        assert set(check_platform(mode)) == expected_capabilities(mode)
     else:
         with pytest.raises(SandboxError, match=f"sandbox: this platform cannot confine {reason} "):
             run(program, isolation=mode)
         with pytest.raises(SandboxError, match="cannot confine"):
             SandboxPool(workers=2, limits=FAST, isolation=mode).run([(program, ADD_TESTS)] * 3)
+        with pytest.raises(SandboxError, match=f"cannot confine {reason} "):
+            check_platform(mode)
         assert not marker.exists()
     with pytest.raises(SandboxError, match="isolation must be one of auto, fallback"):
         run(ADD, isolation="none")
