@@ -53,7 +53,7 @@ print(json.dumps(got))
 
 
 def probe_namespaces() -> set:
-    out = subprocess.run([sys.executable, "-c", PROBE_NAMESPACES], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", PROBE_NAMESPACES], capture_output=True, text=True, check=False)
     return set(json.loads(out.stdout)) if out.returncode == 0 else set()
 
 
