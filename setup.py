@@ -42,7 +42,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels"],
+    packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels", "mftcore.sandbox", "mftcore.codeeval"],
     ext_modules=[CMakeExtension("mftcore._packing")],
     cmdclass={"build_ext": CMakeBuild},
     # Lower bounds admit the GPU image (torch 2.11, triton 3.6, transformers 5.17); constraints.txt

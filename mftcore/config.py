@@ -188,6 +188,12 @@ class TrainConfig:
     init_timeout_seconds: Optional[int] = 3600
     """Timeout of the process-group set-up in multi-process runs, in seconds (null: torch's default)."""
 
+    # --- code evaluation during training (mftcore/codeeval/; entries checked when training starts) ---
+    eval_benchmarks: Optional[list] = None
+    """mftcore: code benchmarks to run during training, [{name, file, k, n, max_new_tokens, every_steps, ...}] (every field: mftcore/codeeval/spec.py); pass@k per benchmark and task tag is logged."""
+    metric_for_best: Optional[str] = None
+    """mftcore: what picks the best checkpoint and drives early stopping: null or "loss" (validation loss, lower is better), or "NAME/pass@K" of an eval_benchmarks entry (higher is better)."""
+
     def __post_init__(self):
         if self.role_markers is None or isinstance(self.role_markers, dict):
             self.role_markers = {**DEFAULT_ROLE_MARKERS, **(self.role_markers or {})}
@@ -338,6 +344,10 @@ RULES = [
     ("role_markers", lambda c: any(not isinstance(c.role_markers[k], str) for k in ROLE_KEYS),
      lambda c: f"{next(k for k in ROLE_KEYS if not isinstance(c.role_markers[k], str))!r} must be a string"),
     ("eos_token", lambda c: c.eos_token == "", lambda c: "must be a non-empty token string or null, got ''"),
+    ("eval_benchmarks", lambda c: not all(isinstance(e, dict) for e in c.eval_benchmarks or []),
+     lambda c: "expected a list of objects {name, file, k, n, max_new_tokens, every_steps, ...}"),
+    ("metric_for_best", lambda c: c.metric_for_best not in (None, "loss") and not c.eval_benchmarks,
+     lambda c: f"{c.metric_for_best!r} names a benchmark metric, but eval_benchmarks is empty"),
 ]
 
 

@@ -27,3 +27,7 @@ class TrainingInterrupted(MftcoreError):
     """SIGTERM: the run saved a checkpoint at the end of the current step and stopped."""
 
     exit_code = 143  # 128 + SIGTERM, what a scheduler expects of a terminated job
+
+
+class SandboxError(MftcoreError):
+    """The code-execution sandbox cannot run here as asked (bad limits, a restriction that failed to apply)."""

@@ -9,12 +9,12 @@ from tests.helpers.paths import ROOT
 
 # Bottom first. A module may import from its own layer (if that makes no cycle) or any layer below.
 LAYERS = [
-    ("errors", "io", "_packing", "kernels"),  # kernels import nothing of mftcore: other trainers embed them
+    ("errors", "io", "_packing", "kernels", "sandbox"),  # kernels import nothing of mftcore: other trainers embed them
     ("mftcoder", "data"),
     ("model",),
     ("loss", "weighting", "metrics", "optim", "parallel"),
     ("config", "evaluate", "checkpoint"),
-    ("train", "commands"),
+    ("train", "commands", "codeeval"),  # codeeval generates through commands/generate.py
     ("cli", "__main__", "__init__"),
 ]
 

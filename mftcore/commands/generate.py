@@ -142,9 +142,10 @@ def read_prompts(path: str) -> list:
 
 
 @torch.no_grad()
-def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=None) -> list:
+def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=None, **generate_kwargs) -> list:
     """New token ids for each prompt (one batch), left-padded with EOS; generation stops at EOS (or an
-    end-of-turn token of the model's template)."""
+    end-of-turn token of the model's template). generate_kwargs go to model.generate (e.g. stop_strings with
+    tokenizer, synced_gpus)."""
     eos = gen.tokenizer.eos_token_id
     stops = list(gen.stop_ids) or [eos]
     width = max(len(ids) for ids in id_lists)
@@ -155,7 +156,7 @@ def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=No
         mask[row, width - len(ids):] = 1
     out = gen.model.generate(input_ids=input_ids.to(gen.device), attention_mask=mask.to(gen.device),
                              max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=eos,
-                             streamer=streamer, **sampling.generate_kwargs())
+                             streamer=streamer, **sampling.generate_kwargs(), **generate_kwargs)
     answers = []
     for row in out[:, width:].tolist():
         end = min((row.index(s) for s in stops if s in row), default=len(row))
