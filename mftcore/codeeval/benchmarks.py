@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mftcore.errors import ConfigError, DataError
+from mftcore.errors import DataError
 
 HF_PREFIX = "hf:"
 
