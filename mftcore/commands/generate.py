@@ -155,7 +155,8 @@ def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=No
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         mask[row, width - len(ids):] = 1
     out = gen.model.generate(input_ids=input_ids.to(gen.device), attention_mask=mask.to(gen.device),
-                             max_new_tokens=sampling.max_new_tokens, eos_token_id=stops, pad_token_id=eos,
+                             max_new_tokens=sampling.max_new_tokens,
+                             eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=eos,
                              streamer=streamer, **sampling.generate_kwargs(), **generate_kwargs)
     answers = []
     for row in out[:, width:].tolist():
