@@ -66,8 +66,11 @@ _memory: dict = {}  # (op, key items) -> Record
 _policy = {"on_miss": "measure"}
 
 
-def env_mode(interpreted: bool) -> str:
-    """'measure' or 'fixed' from MFTCORE_AUTOTUNE, as the module docstring says."""
+def env_mode(device: torch.device, interpreted: bool) -> str:
+    """'measure' or 'fixed' from MFTCORE_AUTOTUNE, as the module docstring says. CPU tensors outside the
+    interpreter never run Triton (the compile tests only capture their launches): always 'fixed'."""
+    if device.type != "cuda" and not interpreted:
+        return "fixed"
     value = os.environ.get("MFTCORE_AUTOTUNE", "").strip().lower()
     if value in ("0", "false", "off", "no"):
         return "fixed"
@@ -173,11 +176,15 @@ def nearest(op: str, key: dict) -> Optional[Record]:
 
 
 def choose(op: str, key: dict, candidates: Sequence, default, measure: Callable, *, mode: str):
-    """The configuration for `key` (see the module docstring); `mode` is env_mode(...) of the caller."""
+    """The configuration for `key` (see the module docstring); `mode` is env_mode(...) of the caller.
+    'fixed' returns `default` (and records it once, for reports), whatever was chosen before."""
     mem_key = (op, tuple(key.items()))
+    if mode == "fixed":
+        _memory.setdefault(mem_key, Record(op, key, as_dict(default), [], "default (tuning off)"))
+        return default
     rec = _memory.get(mem_key)
-    if rec is None:
-        rec = resolve(op, key, candidates, default, measure, mode)
+    if rec is None or rec.source.startswith("default (tuning off)"):
+        rec = resolve(op, key, candidates, default, measure)
         _memory[mem_key] = rec
     for cand in candidates:
         if as_dict(cand) == rec.choice:
@@ -185,9 +192,7 @@ def choose(op: str, key: dict, candidates: Sequence, default, measure: Callable,
     return default
 
 
-def resolve(op, key, candidates, default, measure, mode) -> Record:
-    if mode == "fixed":
-        return Record(op, key, as_dict(default), [], "default (MFTCORE_AUTOTUNE=0 or interpreter)")
+def resolve(op, key, candidates, default, measure) -> Record:
     policy = _policy["on_miss"]
     if policy != "measure":
         near = nearest(op, key) if policy == "nearest" else None

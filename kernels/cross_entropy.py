@@ -183,10 +183,11 @@ def reduce_ce(ce, valid, tasks, scale, num_tasks: int, bad=None):
 def fused_linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     tasks: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, num_tasks: int, grad_hidden: bool,
-    grad_weight: bool, grad_bias: bool, accum_dtype: Optional[torch.dtype],
+    grad_weight: bool, grad_bias: bool, accum_dtype: Optional[torch.dtype], scale_in_place: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (loss, task_sum, grad_hidden, grad_weight, grad_bias, c_max): the gradients r-scaled, each an
-    empty [0] tensor when not asked for; grad_weight in accumulation_dtype(...)."""
+    empty [0] tensor when not asked for; grad_weight in accumulation_dtype(...). scale_in_place: the caller
+    never reads the gradient outputs, so the backward may scale them in place (see _backward)."""
     h = hidden.contiguous()
     w = weight.to(hidden.dtype).contiguous()
     b = None if bias is None else bias.to(hidden.dtype).contiguous()
@@ -206,7 +207,7 @@ def fused_linear_cross_entropy_op(
 
 @fused_linear_cross_entropy_op.register_fake
 def _fused_linear_cross_entropy_fake(hidden, weight, bias, labels, tasks, valid, scale, num_tasks, grad_hidden,
-                                     grad_weight, grad_bias, accum_dtype):
+                                     grad_weight, grad_bias, accum_dtype, scale_in_place):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     acc = accumulation_dtype(weight.dtype, hidden.dtype, accum_dtype)
     gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0)
@@ -220,31 +221,31 @@ def _setup_context(ctx, inputs, output):
     _, task_sum, gh, gw, gb, c_max = output
     ctx.save_for_backward(gh, gw, gb, c_max)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.wanted = inputs[8:11]
+    ctx.wanted, ctx.in_place = inputs[8:11], inputs[12]
     ctx.spent = False
     ctx.mark_non_differentiable(task_sum, gh, gw, gb, c_max)
 
 
 def _backward(ctx, grad_loss, *unused):
-    """The stored gradients times grad_output * c_max: in place in eager mode (no second copy of
-    grad_hidden), out of place under torch.compile, whose graphs must not mutate saved tensors."""
+    """The stored gradients times grad_output * c_max. In place when the caller said it drops them
+    (scale_in_place; the public function does) and this is eager mode: no second copy of grad_W, which is
+    2 GB in fp32 at V=128k, H=4096. Out of place otherwise: a traced graph (torch.compile, opcheck) must
+    not mutate saved tensors, and a caller holding the outputs must not see them change. Traced tensors
+    are subclasses (FunctionalTensor, FakeTensor); eager ones are plain tensors."""
     if ctx.spent:
         raise RuntimeError("fused_linear_cross_entropy: backward twice through the same call "
                            "(its gradients are computed in the forward and scaled in place)")
     gh, gw, gb, c_max = ctx.saved_tensors
-    compiling = torch.compiler.is_compiling()
-    ctx.spent = not compiling
+    in_place = ctx.in_place and type(c_max) is torch.Tensor
+    ctx.spent = in_place
     f = grad_loss.float() * c_max
-    h_dtype, w_dtype, b_dtype = ctx.dtypes
     out = []
     for wanted, g, dtype in zip(ctx.wanted, (gh, gw, gb), ctx.dtypes):
         if not wanted or dtype is None:
             out.append(None)
-        elif g.dtype == torch.float32 or compiling:
-            out.append((g * f if compiling else g.mul_(f)).to(dtype))
-        else:  # a 16-bit gradient: scaled in place in its own dtype, as before the op existed
-            out.append(g.mul_(f))
-    return (*out, *(None,) * 9)
+        else:  # a 16-bit gradient is scaled in its own dtype, as before the op existed
+            out.append((g.mul_(f) if in_place else g * f).to(dtype))
+    return (*out, *(None,) * 10)
 
 
 fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -281,7 +282,7 @@ def fused_linear_cross_entropy(
     # Autocast-style: a bf16 decoder and an fp32 head run in bf16; the op returns each gradient in its
     # input's dtype (the fp32 head's accumulated in fp32).
     loss, task_sum, *_ = torch.ops.mftcore.fused_linear_cross_entropy(
-        hidden, weight, bias, labels, tasks, valid, scale, K, *want, accum_dtype)
+        hidden, weight, bias, labels, tasks, valid, scale, K, *want, accum_dtype, True)
     return CrossEntropyOutput(loss, task_sum, counts)
 
 

@@ -116,6 +116,28 @@ def test_every_launch_compiles_for_sm90_and_sm80_with_wgmma_on_hopper():
             assert r.hmma > 0 and r.hgmma == 0, where
 
 
+def test_every_tuning_candidate_compiles_for_sm90_and_sm80():
+    """Each candidate block configuration the tuner may pick (bf16, head dims 64/128/256) compiles for both
+    architectures with wgmma on sm_90, fits shared memory, and spills at most the default's 8 bytes for
+    D <= 128 (the D = 256 backward has its spilling default only)."""
+    launches = compile_check.varlen_attention_candidate_launches()
+    expected = sum(len(table[d]) * (2 if table is va.DKDV_CONFIGS else 1) for d in (64, 128, 256)
+                   for table in (va.FWD_CONFIGS, va.DKDV_CONFIGS, va.DQ_CONFIGS))
+    assert len(launches) == expected
+    jobs = [(launch, cap) for launch in launches for cap in (90, 80)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reports = list(pool.map(lambda job: compile_check.compile_launch(*job), jobs))
+    for r in reports:
+        where = f"{r.kernel} {r.constexprs} w{r.num_warps}/s{r.num_stages} sm_{r.capability}"
+        assert 0 < r.shared <= compile_check.SHARED_LIMIT[r.capability], where
+        if r.constexprs["D_PAD"] <= 128:
+            assert r.spill_bytes <= 8 and r.spill_stores <= 1, f"{where}: {r.spill_bytes} bytes of spills"
+        if r.capability == 90:
+            assert r.ttgir_dots == 0 and r.wgmma_dots > 0 and r.hgmma > 0 and r.hmma == 0, where
+        else:
+            assert r.hmma > 0 and r.hgmma == 0, where
+
+
 # ------------------------------------------------------------------------------ benchmark helpers
 
 def test_bench_lengths_flops_and_document_mask():

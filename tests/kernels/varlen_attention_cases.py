@@ -35,7 +35,7 @@ def small_blocks(request, monkeypatch):
     """Small blocks unless the test's parameter names "GPU blocks"."""
     if "GPU blocks" not in request.node.name:
         for table, cfg in SMALL.items():
-            monkeypatch.setattr(va, table, {d: cfg for d in getattr(va, table)})
+            monkeypatch.setattr(va, table, {d: [cfg] for d in getattr(va, table)})
 
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=5e-3, rtol=5e-3)}
