@@ -15,8 +15,9 @@ is computed wrongly by the interpreter, so it stays on the reference).
 
 The op is `torch.ops.mftcore.varlen_attention` (forward: o and lse) with registered autograd calling
 `torch.ops.mftcore.varlen_attention_backward` (both torch.library.custom_op with fake implementations), so
-torch.compile(fullgraph=True) traces a model using it without a graph break. The reference path's
-backward recomputes its forward under autograd (one SDPA forward more per layer, CPU and fp32 only).
+torch.compile(fullgraph=True) traces a model using it without a graph break. Inputs the kernels do not
+take run the reference: in eager mode directly under autograd (as always), when compiled inside the op,
+whose backward is `varlen_attention_reference_backward` (autograd is off inside a custom op).
 
 Kernels (FA2's algorithm, log2 domain): the forward keeps a running max and sum per query row and saves
 lse = log2(sum exp2) per (head, token) for the backward. The backward recomputes P from lse; one program
@@ -43,7 +44,11 @@ import triton
 from . import autotune
 from .dispatch import TENSOR_CORE_DTYPES, interpreted, uses_triton
 from .varlen_attention_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel, _fwd_kernel
-from .varlen_attention_reference import check_segments, varlen_attention_reference
+from .varlen_attention_reference import (
+    check_segments,
+    varlen_attention_reference,
+    varlen_attention_reference_backward,
+)
 
 MAX_HEAD_DIM = 256
 
@@ -222,14 +227,6 @@ def varlen_attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, 
 
 # ------------------------------------------------------------------------------- the custom ops
 
-def reference_backward(do, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
-    """The reference path's gradients: its forward again under autograd, then autograd's backward."""
-    with torch.enable_grad():
-        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-        o = varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=sm_scale)
-        return torch.autograd.grad(o, (q, k, v), do)
-
-
 @torch.library.custom_op("mftcore::varlen_attention", mutates_args=())
 def varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                         max_seqlen: int, causal: bool, softmax_scale: float,
@@ -257,7 +254,8 @@ def varlen_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Ten
                                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) for the forward's (o, lse)."""
     if not uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES):
-        return reference_backward(do, q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+        return varlen_attention_reference_backward(do, q, k, v, cu_seqlens, max_seqlen, causal=causal,
+                                                   softmax_scale=softmax_scale)
     return varlen_attention_backward(do.contiguous(), q, k, v, o, lse, cu_seqlens, max_seqlen, causal,
                                      softmax_scale, deterministic)
 
@@ -313,6 +311,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    if not uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES) and not torch.compiler.is_compiling():
+        # eager: the reference under autograd, as it always ran (no recomputation; CPU losses unchanged)
+        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     o, _ = torch.ops.mftcore.varlen_attention(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale,
                                               bool(deterministic))
