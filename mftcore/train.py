@@ -34,6 +34,7 @@ from mftcore.loss import loss_mode, step_token_scales
 from mftcore.metrics import Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb, step_flops
 from mftcore.model.build import build_model, compute_dtype
 from mftcore.model.chat_template import build_chat_template
+from mftcore.model.compile import compiled_loss
 from mftcore.model.decoder import causal_lm
 from mftcore.model.load import load_tokenizer
 from mftcore.model.loss_model import LossModel
@@ -208,7 +209,8 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     n_params = sum(p.numel() for p in model.parameters())  # before sharding, which hides sizes from ZeRO-3
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flop_params, attn = matmul_params(lm), attention_width(lm)
-    engine = parallel.wrap(LossModel(model, K), cfg, env, dtype=dtype, scaler=scaler, moe=moe,
+    loss_model = LossModel(model, K, compiled_loss()) if cfg.torch_compile else LossModel(model, K)
+    engine = parallel.wrap(loss_model, cfg, env, dtype=dtype, scaler=scaler, moe=moe,
                            make_optimizer=functools.partial(build_optimizer, cfg=cfg))
     loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
                         accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed, rank=env.rank,
