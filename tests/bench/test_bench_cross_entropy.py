@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 
-from mftcore.kernels import cross_entropy as ce
 from tests.bench.scripts import bench_script
 
 bench = bench_script("bench_cross_entropy")
@@ -44,11 +43,27 @@ def test_benchmark_report_on_cpu():
     assert result["speedup_vs_eager"] > 0 and set(result["goals"]) >= {"tflops>=600"}
 
 
-def test_config_sweep_restores_the_table():
-    before = dict(ce.LOGITS_CONFIGS)
-    rows = bench.sweep_logits_configs((32, 16, 40), torch.float32, "cpu", wall_timer)
-    assert len(rows) == len(bench.SWEEP_CANDIDATES) and all("ms" in r for r in rows)
-    assert ce.LOGITS_CONFIGS == before
+def test_the_report_names_the_choices_and_times_each_path(monkeypatch):
+    """On CPU nothing tunes; with a record installed as a GPU run would leave it, each path's best plan is
+    forced in turn (the plans are restored) and the table prints the choice and why."""
+    from mftcore.kernels import autotune
+    from mftcore.kernels import cross_entropy_kernels as cek
+
+    result = bench.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=wall_timer, peak=None)
+    assert result["tuning"] == [] and result["paths"] == [] and "nothing tuned" in bench.table(result)
+    triton, cublas = cek.TRITON_CANDIDATES["sm90_16bit"][0], cek.CUBLAS_CANDIDATES[0]
+    rec = autotune.Record("cross_entropy", {"device": "nvidia-h200-sm90", "grad": 1}, autotune.as_dict(cublas),
+                          [[autotune.as_dict(triton), 2.0], [autotune.as_dict(cublas), 1.0]], "measured")
+    autotune.reset()
+    autotune.install({"x": vars(rec)}, on_miss="measure")
+    try:
+        default = cek.default_plan
+        paths = bench.time_each_path((64, 32, 100), torch.float32, "cpu", wall_timer)
+        assert [p["path"] for p in paths] == ["cublas", "triton"] and cek.default_plan is default
+        text = bench.table({**result, "tuning": bench.tuning_report(), "paths": paths})
+        assert "fastest of 2: 1 ms" in text and "each logits path's best plan" in text
+    finally:
+        autotune.reset()
 
 
 @pytest.mark.gpu

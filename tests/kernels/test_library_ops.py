@@ -111,3 +111,88 @@ def test_the_varlen_reference_reads_cu_seqlens_on_the_host():
     q, k, v, cu, *_ = va_args()
     with no_host_reads(), pytest.raises(HostRead, match="tolist"):
         varlen_attention(q, k, v, cu, 12)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.py)")
+
+
+def cuda_inputs(dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [100, 900, 1, 1047]
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=dtype, generator=g).requires_grad_() for h in (8, 2, 2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    weight = (torch.randn(32000, 1024, device="cuda", generator=g) / 32).requires_grad_()  # an fp32 head
+    labels = torch.randint(0, 32000, (T,), device="cuda", generator=g)
+    return q, k, v, cu, weight, labels, torch.randint(0, 3, (T,), device="cuda", generator=g)
+
+
+def cuda_loss(q, k, v, cu, weight, labels, tasks):
+    o = varlen_attention(q, k, v, cu, 1047)
+    return fused_linear_cross_entropy(o.flatten(1), weight, labels, tasks, num_tasks=3).loss
+
+
+def cuda_step(*inputs, loss_fn=cuda_loss):
+    loss = loss_fn(*inputs)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_nothing_syncs_once_tuned():
+    """A warm-up call compiles and tunes (that synchronises, once per key); then forward and backward of
+    both ops, the fp32 head's gradient accumulating in fp32, run under set_sync_debug_mode("error")."""
+    inputs = cuda_inputs()
+    cuda_step(*inputs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda_step(*inputs)
+        with torch.no_grad():
+            fused_linear_cross_entropy(inputs[0].detach().flatten(1), inputs[4], inputs[5], inputs[6], num_tasks=3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert inputs[4].grad.dtype == torch.float32 and inputs[4].grad.isfinite().all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("path", ["triton", "cublas"])
+def test_gpu_both_logits_paths_match_the_fp32_reference(path, monkeypatch):
+    from mftcore.kernels import cross_entropy_kernels as cek
+    from mftcore.kernels.cross_entropy import fused_linear_cross_entropy_reference
+
+    family = cek.device_family(torch.cuda.get_device_capability(), torch.bfloat16, False)
+    plan = cek.default_plan(family) if path == "triton" else cek.CUBLAS_CANDIDATES[0]
+    monkeypatch.setenv("MFTCORE_AUTOTUNE", "0")
+    monkeypatch.setattr(cek, "default_plan", lambda fam: plan)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(3001, 1024, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(50257, 1024, device="cuda", generator=g) / 32).bfloat16().requires_grad_()
+    labels = torch.randint(0, 50257, (3001,), device="cuda", generator=g)
+    out = fused_linear_cross_entropy(h, w, labels, reduction="token_mean")
+    out.loss.backward()
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = fused_linear_cross_entropy_reference(h32, w32, labels, reduction="token_mean")
+    ref.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-2 * ref.loss.item()
+    for got, want in ((h.grad, h32.grad), (w.grad, w32.grad)):
+        assert (got.float() - want).abs().max() < 3e-2 * want.abs().max()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    inputs = cuda_inputs()
+    leaves = [inputs[i] for i in (0, 1, 2, 4)]
+    eager = cuda_step(*inputs).detach()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    compiled = cuda_step(*inputs, loss_fn=torch.compile(cuda_loss, fullgraph=True)).detach()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for t, want in zip(leaves, grads):
+        torch.testing.assert_close(t.grad.float(), want.float(), rtol=2e-2, atol=2e-2)
