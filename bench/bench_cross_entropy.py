@@ -114,8 +114,8 @@ def gpu_correctness(device="cuda", dtypes=(torch.bfloat16, torch.float16), cases
                      and all(row[k] < 3e-2 for k in row if k.startswith("grad_")))
         ok &= row["ok"]
         rows.append(row)
-    return {"ok": ok, "cases": rows, "triton_path": ce.uses_triton(torch.empty(1, device=device), cuda_dtypes=ce.ANY_DTYPE),
-            "tuning": tuning_report()}
+    triton_path = ce.uses_triton(torch.empty(1, device=device), cuda_dtypes=ce.ANY_DTYPE)
+    return {"ok": ok, "cases": rows, "triton_path": triton_path, "tuning": tuning_report()}
 
 
 def do_bench_median(fn, grad_to_none) -> float:
@@ -160,24 +160,24 @@ def measure(name, loss_fn, shape, dtype, device, timer, peak, weight_dtype=None)
 def gpu_benchmarks(device="cuda", shape=GOAL_SHAPE, dtype=torch.bfloat16, timer=do_bench_median,
                    peak=cuda_peak_extra, sweep=True) -> dict:
     """Forward+backward timings and memory at `shape`; the issue's goals checked against them. The first
-    call tunes (kernels/autotune.py); `tuning` says which logits path and tiles were chosen and why, and
-    with sweep each path's best plan is also timed on the whole op (fwd+bwd), forced in turn."""
+    call tunes (kernels/autotune.py; or reads this GPU's disk cache, whose record keeps the timings it was
+    chosen by); `tuning` says which logits path and tiles were chosen and why, and with sweep each path's
+    best plan is also timed on the whole op (fwd+bwd), forced in turn."""
     n, h, v = shape
-    autotune.reset()  # this run's own measurements, not an earlier process's cache
-    with fresh_cache():
-        impls = [("mftcore", ours_loss), ("eager", eager_loss)]
-        liger = liger_loss_fn()
-        if liger is not None:
-            impls.append(("liger", liger))
-        rows = [measure(name, fn, shape, dtype, device, timer, peak) for name, fn in impls[:2]]
-        rows.append(measure("mftcore fp32 head", ours_loss, shape, dtype, device, timer, peak, weight_dtype=torch.float32))
-        for name, fn in impls[2:]:  # a carried Liger that fails on this torch/triton is a result, not a crash
-            try:
-                rows.append(measure(name, fn, shape, dtype, device, timer, peak))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
-        tuning = tuning_report()
-        paths = time_each_path(shape, dtype, device, timer) if sweep else []
+    autotune.reset()  # the records of this call only (choices come from the disk cache when it has them)
+    impls = [("mftcore", ours_loss), ("eager", eager_loss)]
+    liger = liger_loss_fn()
+    if liger is not None:
+        impls.append(("liger", liger))
+    rows = [measure(name, fn, shape, dtype, device, timer, peak) for name, fn in impls[:2]]
+    rows.append(measure("mftcore fp32 head", ours_loss, shape, dtype, device, timer, peak, weight_dtype=torch.float32))
+    for name, fn in impls[2:]:  # a carried Liger that fails on this torch/triton is a result, not a crash
+        try:
+            rows.append(measure(name, fn, shape, dtype, device, timer, peak))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
+    tuning = tuning_report()
+    paths = time_each_path(shape, dtype, device, timer) if sweep else []
     by = {r["impl"]: r for r in rows if "ms" in r}
     result = {"shape": {"N": n, "H": h, "V": v}, "dtype": str(dtype).split(".")[-1], "rows": rows,
               "speedup_vs_eager": by["eager"]["ms"] / by["mftcore"]["ms"], "tuning": tuning, "paths": paths}
@@ -189,24 +189,6 @@ def gpu_benchmarks(device="cuda", shape=GOAL_SHAPE, dtype=torch.bfloat16, timer=
         goals["memory<=2NH2"] = by["mftcore"]["peak_extra_bytes"] <= 2 * n * h * 2
     result["goals"] = goals
     return result
-
-
-class fresh_cache:
-    """Tune into a temporary cache directory: the benchmark measures this device now, and leaves the
-    user's cache (~/.cache/mftcore) as it was."""
-
-    def __enter__(self):
-        import tempfile
-
-        self.tmp, self.before = tempfile.TemporaryDirectory(), os.environ.get("MFTCORE_CACHE_DIR")
-        os.environ["MFTCORE_CACHE_DIR"] = self.tmp.name
-
-    def __exit__(self, *exc):
-        if self.before is None:
-            os.environ.pop("MFTCORE_CACHE_DIR", None)
-        else:
-            os.environ["MFTCORE_CACHE_DIR"] = self.before
-        self.tmp.cleanup()
 
 
 def tuning_report() -> list:
@@ -229,7 +211,8 @@ def time_each_path(shape, dtype, device, timer) -> list:
     try:
         for path, (cand, _) in sorted(best.items()):
             cek.default_plan = lambda family, plan=cek.ChunkPlan(**cand): plan
-            rows.append({"path": path, "plan": cand, **measure("mftcore", ours_loss, shape, dtype, device, timer, None)})
+            timed = measure("mftcore", ours_loss, shape, dtype, device, timer, None)
+            rows.append({"path": path, "plan": cand, **timed})
     finally:
         cek.default_plan = original
         if before is None:

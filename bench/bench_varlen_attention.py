@@ -21,7 +21,6 @@ block-diagonal mask on small shapes (2048 tokens, 8/2 heads, head dim 64, one th
 from __future__ import annotations
 
 import inspect
-import os
 import random
 import sys
 import time
@@ -180,26 +179,15 @@ def backends(lengths, q, k, v, causal=True):
 
 def gpu_benchmarks(totals=(8192, 16384), heads=(32, 8), head_dim=128, lengths_range=(256, 4096)) -> dict:
     """Per total: forward and backward of every backend; the first call of ours tunes its block sizes
-    (kernels/autotune.py, into a temporary cache), and `tuning` says what was chosen and why."""
-    import tempfile
-
+    (kernels/autotune.py, or reads this GPU's disk cache), and `tuning` says what was chosen and why."""
     from mftcore.kernels import autotune
 
     results = {"device": torch.cuda.get_device_name(), "heads": list(heads), "head_dim": head_dim,
                "dtype": "bfloat16", "causal": True, "documents": list(lengths_range), "shapes": []}
-    autotune.reset()
-    before = os.environ.get("MFTCORE_CACHE_DIR")
-    cache = tempfile.TemporaryDirectory()
-    os.environ["MFTCORE_CACHE_DIR"] = cache.name  # measured now, on this device; the user's cache untouched
-    try:
-        for total in totals:
-            results["shapes"].append(gpu_shape(total, heads, head_dim, lengths_range))
-    finally:
-        if before is None:
-            del os.environ["MFTCORE_CACHE_DIR"]
-        else:
-            os.environ["MFTCORE_CACHE_DIR"] = before
-        cache.cleanup()
+    autotune.reset()  # the records of this call only
+    for total in totals:
+        results["shapes"].append(gpu_shape(total, heads, head_dim, lengths_range))
+        torch.cuda.empty_cache()  # the shape's inputs are gone with gpu_shape's frame
     results["tuning"] = [{"op": r.op, "key": r.key, "choice": r.choice, "why": r.describe(),
                           "timings_ms": r.timings_ms} for r in autotune.records()]
     return results
@@ -229,8 +217,6 @@ def gpu_shape(total, heads, head_dim, lengths_range) -> dict:
         row["gate_bwd_0.8x"] = row["bwd_vs_varlen_attn"] >= 0.8
     if "fwd_ms" in ours and "fwd_ms" in flex:
         row["gate_faster_than_flex"] = ours["fwd_ms"] < flex["fwd_ms"] and ours["bwd_ms"] < flex["bwd_ms"]
-    del q, k, v, do
-    torch.cuda.empty_cache()
     return row
 
 

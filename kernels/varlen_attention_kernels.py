@@ -12,6 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _load_rows(base, rows, n_rows, stride, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """Tile [len(rows), D_PAD] of a [rows, D] matrix; rows >= n_rows and columns >= HEAD_DIM read 0."""

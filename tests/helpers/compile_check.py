@@ -7,7 +7,7 @@ arguments with the JIT's own binder (same signature, constexprs and divisibility
 launch) and compiles for a GPUTarget: PTX and cubin come out here, and the cuobjdump in Triton's wheel
 gives SASS and the resource usage (registers, spills).
 
-    python -m tests.helpers.compile_check   # prints the varlen attention table (bench/results/ keeps a copy)
+    python -m tests.helpers.compile_check   # the varlen attention tables (bench/results/ keeps a copy)
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class CompileReport(NamedTuple):
 
 TABLE_HEADER = ("| target | kernel | dtype | constexprs | warps/stages | registers | spill B | shared B | HGMMA "
                 "| HMMA |\n|---|---|---|---|---|---|---|---|---|---|")
+STL_HEADER = TABLE_HEADER.replace("| HMMA |", "| HMMA | STL |").replace("|---|---|\n", "") + "---|"
 
 
 @contextmanager
@@ -167,10 +168,11 @@ def varlen_attention_candidate_launches() -> list[Launch]:
     import importlib
 
     va = importlib.import_module("mftcore.kernels.varlen_attention")
-    defaults = {(launch.spec.kernel.fn.__name__, launch.spec.constexprs["D_PAD"],
-                 launch.spec.constexprs.get("ATOMIC_DQ")): launch
-                for launch in varlen_attention_launches() if launch.args[0].dtype.is_floating_point
-                and str(launch.args[0].dtype) == "torch.bfloat16" and launch.spec.constexprs["HEAD_DIM"] in (64, 128, 256)}
+    defaults = {}
+    for launch in varlen_attention_launches():
+        consts = launch.spec.constexprs
+        if str(launch.args[0].dtype) == "torch.bfloat16" and consts["HEAD_DIM"] in (64, 128, 256):
+            defaults[(launch.spec.kernel.fn.__name__, consts["D_PAD"], consts.get("ATOMIC_DQ"))] = launch
     out = []
     for (name, d, atomic), launch in defaults.items():
         if name == "_fwd_kernel":
@@ -229,7 +231,21 @@ def cross_entropy_launches(families=None) -> list[Launch]:
 
 
 if __name__ == "__main__":
-    print(TABLE_HEADER)
+    print("# varlen attention: every launch compiled for sm_90 and sm_80\n")
+    print("Triton 3.7.1 and the ptxas/cuobjdump of its wheel, on a CPU-only machine: "
+          "`python -m tests.helpers.compile_check`.\nregisters per thread; spill B = local memory and stack bytes "
+          "per thread; STL = register spill stores in the SASS;\nshared B = bytes per block (limits: sm_80 166912, "
+          "sm_90 232448); HGMMA / HMMA = wgmma / mma.sync instructions in the SASS.\nCausal, GQA group and "
+          "sizes are runtime arguments (one binary serves all); head dim 80 (bf16) stands for the head dims\n"
+          "below their power of two (masked columns).\n\n## Default launches\n")
+    print(STL_HEADER)
     for launch in varlen_attention_launches():
         for cap in (90, 80):
-            print(compile_launch(launch, cap).row(), flush=True)
+            report = compile_launch(launch, cap)
+            print(report.row() + f" {report.spill_stores} |", flush=True)
+    print("\n## Every tuning candidate (bf16)\n")
+    print(STL_HEADER)
+    for launch in varlen_attention_candidate_launches():
+        for cap in (90, 80):
+            report = compile_launch(launch, cap)
+            print(report.row() + f" {report.spill_stores} |", flush=True)

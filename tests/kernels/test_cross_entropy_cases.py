@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from mftcore.kernels import autotune

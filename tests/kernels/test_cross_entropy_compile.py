@@ -48,7 +48,7 @@ def test_every_candidate_and_variant_compiles_without_spills(family, capsys):
     rows = {(r.constexprs["BLOCK_V"], r.num_warps) for r in found if r.kernel == "_rows_lse_grad_kernel"}
     assert rows == {(p.block_v, p.num_warps) for p in cek.CUBLAS_CANDIDATES}
     with capsys.disabled():
-        print(f"\n[{family}]\n{compile_check.TABLE_HEADER} STL |")
+        print(f"\n[{family}]\n{compile_check.STL_HEADER}")
         for r in found:
             print(r.row() + f" {r.spill_stores} |")
     for r in found:
@@ -67,6 +67,6 @@ if __name__ == "__main__":
           "every tuner candidate, compiled for sm_90 / sm_80 without a GPU (triton.compile + cuobjdump).")
     print("# last column: STL instructions (register spills) in SASS")
     for fam in ARCHES:
-        print(f"\n## {fam}\n{compile_check.TABLE_HEADER} STL |")
+        print(f"\n## {fam}\n{compile_check.STL_HEADER}")
         for rep in reports(fam):
             print(rep.row() + f" {rep.spill_stores} |", flush=True)

@@ -241,3 +241,19 @@ def test_no_host_reads_in_forward_and_backward(monkeypatch):
             o = va.varlen_attention(q, k, v, cu, 30, deterministic=det)
             grads = torch.autograd.grad(o, (q, k, v), do)
         assert all(g.isfinite().all() for g in grads)
+
+
+CANDIDATES = [(d, table, cfg) for table in ("FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS")
+              for d in (64, 128, 256) for cfg in getattr(va, table)[d]]
+
+
+@pytest.mark.parametrize("d, table, cfg", CANDIDATES, ids=lambda x: str(x).replace("BlockConfig", ""))
+def test_every_tuning_candidate_matches_the_oracle(d, table, cfg, monkeypatch, request):
+    """Each block configuration the tuner may pick (GPU sizes, run as they are), alone in its table, on
+    documents that cross its blocks: the same results as the float64 oracle (fp32 inputs)."""
+    monkeypatch.setattr(va, table, {**getattr(va, table), d: [cfg]})
+    q, k, v, cu, do = make_inputs([70, 1, 130], 1, 1, d, torch.float32, seed=7)
+    for det in ((False, True) if table != "FWD_CONFIGS" else (False,)):
+        got = run(q, k, v, cu, 130, do, deterministic=det)
+        for label, a, b in zip(("o", "dq", "dk", "dv"), got, oracle(q, k, v, cu, do, True)):
+            torch.testing.assert_close(a.double(), b, **TOL[torch.float32], msg=lambda m: f"{label}: {m}")
