@@ -156,8 +156,11 @@ def measure_all(candidates: Sequence, measure: Callable) -> list:
     return out
 
 
+BUCKET_FIELDS = ("N", "T", "C")  # the token-count buckets of a key; every other field must match exactly
+
+
 def nearest(op: str, key: dict) -> Optional[Record]:
-    """The tuned record of `op` whose key differs from `key` only in numeric fields, closest in log2."""
+    """The tuned record of `op` whose key differs from `key` only in its bucket fields, closest in log2."""
     best, best_d = None, math.inf
     for (o, _), rec in _memory.items():
         if o != op or rec.key.keys() != key.keys() or rec.source.startswith(("nearest", "default")):
@@ -165,7 +168,7 @@ def nearest(op: str, key: dict) -> Optional[Record]:
         d = 0.0
         for k, v in key.items():
             w = rec.key[k]
-            if isinstance(v, int) and isinstance(w, int) and not isinstance(v, bool) and v > 0 and w > 0:
+            if k in BUCKET_FIELDS and v > 0 and w > 0:
                 d += abs(math.log2(v) - math.log2(w))
             elif v != w:
                 d = math.inf

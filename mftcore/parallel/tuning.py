@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mftcore.kernels import autotune, fused_linear_cross_entropy, varlen_attention
+from mftcore.kernels.dispatch import interpreted
 from mftcore.parallel.comm import broadcast_object, is_distributed
 
 
@@ -53,12 +54,13 @@ def run_shapes(cfg, lm, dtype: torch.dtype) -> RunShapes:
 
 def tune_shapes(shapes: RunShapes, device: torch.device) -> None:
     """One forward and backward of each op at the run's shapes, on random data: each key's first use times
-    its candidates (or reads the disk cache). Nothing to tune off CUDA (CPU tensors take the references)."""
-    if device.type != "cuda":
+    its candidates (or reads the disk cache). Nothing to tune off CUDA (CPU tensors take the references),
+    except in Triton's interpreter with MFTCORE_AUTOTUNE=1 (the tests)."""
+    if device.type != "cuda" and not interpreted():
         return
     print("kernel tuning on rank 0 (first run on this GPU: seconds to a minute; cached under "
           f"{autotune.cache_root()})", file=sys.stderr, flush=True)
-    g = torch.Generator(device).manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)  # on the device: no host-to-device copy of random data
     H, V = shapes.hidden, shapes.vocab
     weight = (torch.randn(V, H, generator=g, device=device) / H ** 0.5).to(shapes.weight_dtype).requires_grad_()
     bias = torch.zeros(V, device=device, dtype=shapes.weight_dtype, requires_grad=True) if shapes.bias else None
@@ -77,7 +79,8 @@ def tune_shapes(shapes: RunShapes, device: torch.device) -> None:
                    for h in (shapes.heads, shapes.kv_heads, shapes.kv_heads))
         o = varlen_attention(q, k, v, cu, shapes.seq_length, causal=True)
         o.backward(torch.randn_like(o))
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def share_kernel_tuning(env, shapes: RunShapes, tune=tune_shapes) -> int:

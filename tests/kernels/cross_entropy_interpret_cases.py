@@ -40,7 +40,7 @@ def fresh_choices(monkeypatch, tmp_path):
     autotune.reset()
 
 
-def case(N=300, H=72, V=150, K=3, dtype=torch.float32, seed=0):
+def case(N=260, H=40, V=140, K=3, dtype=torch.float32, seed=0):
     """N over one 256-row tile, V over one 128-column tile, H not a multiple of the K blocks."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
@@ -153,3 +153,23 @@ def test_no_host_reads_on_the_triton_paths(path, monkeypatch):
         with torch.no_grad():
             fused_linear_cross_entropy(h, w, labels, tasks, bias=bias, num_tasks=3, reduction="token_mean")
     assert h.grad.isfinite().all() and w.grad.isfinite().all()
+
+
+def test_tune_shapes_tunes_every_op_a_run_meets(monkeypatch):
+    """What rank 0 runs before the first step (mftcore/parallel/tuning.py), at tiny shapes in fp16: the
+    fused loss with and without gradients, the fp32 head's weight-gradient GEMM, and each attention kernel."""
+    from mftcore.parallel.tuning import RunShapes, tune_shapes
+
+    monkeypatch.setenv("MFTCORE_AUTOTUNE", "1")
+    monkeypatch.setattr(cek, "timer", lambda: lambda fn: fn() or 1.0)
+    va = __import__("sys").modules["mftcore.kernels.varlen_attention"]
+    monkeypatch.setattr(va, "timer", lambda: lambda fn: fn() or 1.0)
+    small = va.BlockConfig(16, 16, 1, 1)
+    for table in ("FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS"):
+        monkeypatch.setattr(va, table, {d: [small] for d in getattr(va, table)})
+    shapes = RunShapes(train_tokens=64, eval_tokens=32, hidden=24, vocab=50, bias=False, weight_dtype=torch.float32,
+                       dtype=torch.float16, varlen=True, heads=2, kv_heads=1, head_dim=16, seq_length=32)
+    tune_shapes(shapes, torch.device("cpu"))
+    ops = sorted({r.op for r in autotune.records()})
+    assert ops == ["cross_entropy", "cross_entropy_grad_weight", "varlen_attention_dkdv", "varlen_attention_forward"]
+    assert sorted(r.key["grad"] for r in autotune.records("cross_entropy")) == [0, 1]

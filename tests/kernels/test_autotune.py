@@ -133,6 +133,7 @@ def test_installed_choices_answer_near_keys_without_measuring():
 
     assert autotune.choose("op", dict(KEY, N=4096), CANDIDATES, CANDIDATES[0], never, mode="measure") == CANDIDATES[1]
     assert autotune.choose("op", dict(KEY, N=32768), CANDIDATES, CANDIDATES[0], never, mode="measure") == CANDIDATES[2]
+    assert autotune.choose("op", dict(KEY, H=2048), CANDIDATES, CANDIDATES[0], never, mode="measure") == CANDIDATES[0]
     other_dtype = dict(KEY, dtype="float16")
     assert autotune.choose("op", other_dtype, CANDIDATES, CANDIDATES[0], never, mode="measure") == CANDIDATES[0]
     sources = {tuple(r.key.items()): r.source for r in autotune.records("op")}

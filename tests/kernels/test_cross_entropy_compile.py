@@ -45,7 +45,8 @@ def test_every_candidate_and_variant_compiles_without_spills(family, capsys):
              for r in found if r.kernel == "_logits_lse_kernel"}
     assert tiles == {(p.block_m, p.block_v, p.block_k, p.num_warps, p.num_stages)
                      for p in cek.TRITON_CANDIDATES[family]}
-    rows = {(r.constexprs["BLOCK_V"], r.num_warps) for r in found if r.kernel == "_rows_lse_grad_kernel"}
+    rows = {(r.constexprs["BLOCK_V"], r.num_warps) for r in found if r.kernel == "_rows_lse_grad_kernel"
+            and r.dtype in ("bf16", "fp32")}
     assert rows == {(p.block_v, p.num_warps) for p in cek.CUBLAS_CANDIDATES}
     with capsys.disabled():
         print(f"\n[{family}]\n{compile_check.STL_HEADER}")
