@@ -198,6 +198,7 @@ def fused_linear_cross_entropy_op(
     want = (grad_hidden, grad_weight, grad_bias and bias is not None)
     ce, gh, gw, gb = run_chunks(h, w, b, labels, r, want, uses_triton(h, cuda_dtypes=ANY_DTYPE), acc)
     loss, task_sum = reduce_ce(ce, valid, tasks, scale, num_tasks, bad)
+
     def empty(dtype=hidden.dtype):  # a fresh one each: the outputs of a custom op may not alias
         return hidden.new_empty(0, dtype=dtype)
 
