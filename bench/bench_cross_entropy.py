@@ -9,10 +9,11 @@ CPU: peak memory of the chunked CPU path vs the naive logits path (N=8192, H=102
 GPU (bench/gpu_check.py calls these too; plain functions returning dicts):
     gpu_correctness()  bf16/fp16 against an fp32 reference on awkward shapes, every reduction
     gpu_benchmarks()   forward+backward at N=16384, H=4096, V=128256 bf16: median time, effective TFLOP/s
-                       (8*N*H*V / time, Liger's and CCE's convention), peak memory beyond inputs and
-                       gradients, against eager torch and Liger, and with an fp32 head (fp32 grad_W
-                       accumulation); the goals checked; which logits path and tiles the tuner chose, every
-                       candidate's time, and each path's best plan timed on the whole op.
+                       (8*N*H*V / time, Liger's and CCE's convention; the goal counts 6*N*H*V), peak
+                       memory beyond inputs and gradients, against eager torch and Liger, and with an
+                       fp32 head (fp32 grad_W accumulation); the goals checked; which logits path and
+                       tiles the tuner chose, every candidate's time, and each path's best plan timed on
+                       the whole op.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ K = 4
 def effective_tflops(n: int, h: int, v: int, ms: float) -> float:
     """8*N*H*V FLOPs (logits, recomputed logits, two gradient GEMMs) per second, in TFLOP/s."""
     return 8 * n * h * v / (ms * 1e-3) / 1e12
+
+
+def goal_tflops(n: int, h: int, v: int, ms: float) -> float:
+    """6*N*H*V FLOPs per second in TFLOP/s: the count issue 15's goal (>= 600 on an H100/H200) is set in
+    (forward GEMM and the two gradient GEMMs; the recomputed logits are not counted)."""
+    return 6 * n * h * v / (ms * 1e-3) / 1e12
 
 
 def make_inputs(n, h, v, dtype, device, bias=False, seed=0):
@@ -150,7 +157,8 @@ def measure(name, loss_fn, shape, dtype, device, timer, peak, weight_dtype=None)
 
     step()
     ms = timer(step, [hidden, weight])
-    row = {"impl": name, "ms": ms, "effective_tflops": effective_tflops(n, h, v, ms)}
+    row = {"impl": name, "ms": ms, "effective_tflops": effective_tflops(n, h, v, ms),
+           "tflops_6nhv": goal_tflops(n, h, v, ms)}
     if peak is not None:
         grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
         row["peak_extra_bytes"] = peak(step, [hidden, weight], grad_bytes)
@@ -181,7 +189,7 @@ def gpu_benchmarks(device="cuda", shape=GOAL_SHAPE, dtype=torch.bfloat16, timer=
     by = {r["impl"]: r for r in rows if "ms" in r}
     result = {"shape": {"N": n, "H": h, "V": v}, "dtype": str(dtype).split(".")[-1], "rows": rows,
               "speedup_vs_eager": by["eager"]["ms"] / by["mftcore"]["ms"], "tuning": tuning, "paths": paths}
-    goals = {"tflops>=600": by["mftcore"]["effective_tflops"] >= 600}
+    goals = {"tflops(6NHV)>=600": by["mftcore"]["tflops_6nhv"] >= 600}
     if "liger" in by:
         result["speedup_vs_liger"] = by["liger"]["ms"] / by["mftcore"]["ms"]
         goals["1.3x_liger"] = result["speedup_vs_liger"] >= 1.3

@@ -24,6 +24,11 @@ def test_effective_tflops_counts_8nhv():
     assert bench.effective_tflops(n, h, v, 100.0) == pytest.approx(688.8, rel=1e-3)
 
 
+def test_goal_tflops_counts_6nhv():
+    n, h, v = bench.GOAL_SHAPE
+    assert bench.goal_tflops(n, h, v, 100.0) == pytest.approx(0.75 * bench.effective_tflops(n, h, v, 100.0))
+
+
 def test_eager_baseline_is_the_same_loss():
     hidden, weight, _, labels, tasks = bench.make_inputs(50, 16, 70, torch.float64, "cpu")
     assert bench.eager_loss(hidden, weight, labels, tasks).item() == pytest.approx(
@@ -40,7 +45,8 @@ def test_benchmark_report_on_cpu():
     result = bench.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=wall_timer, peak=None,
                                   sweep=False)
     assert [r["impl"] for r in result["rows"]][:2] == ["mftcore", "eager"]
-    assert result["speedup_vs_eager"] > 0 and set(result["goals"]) >= {"tflops>=600"}
+    assert result["speedup_vs_eager"] > 0 and set(result["goals"]) >= {"tflops(6NHV)>=600"}
+    assert result["rows"][0]["tflops_6nhv"] == pytest.approx(0.75 * result["rows"][0]["effective_tflops"])
 
 
 def test_the_report_names_the_choices_and_times_each_path(monkeypatch):
