@@ -137,6 +137,8 @@ class TrainConfig:
     """mftcore: steps with a non-finite loss or gradient are skipped; more than this many in a row stop the run."""
     peak_tflops: Optional[float] = None
     """mftcore: the accelerator's peak TFLOP/s for the MFU estimate (null: looked up for known GPUs in bf16/fp16)."""
+    torch_compile: bool = False
+    """mftcore: torch.compile each decoder layer and the loss (the kernels are custom ops: no graph breaks); the first steps compile."""
 
     # --- optimisation ---
     num_train_epochs: int = 4

@@ -36,6 +36,7 @@ from mftcore.loss import loss_mode, step_token_scales
 from mftcore.metrics import Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb, step_flops
 from mftcore.model.build import build_model, compute_dtype
 from mftcore.model.chat_template import set_stop_tokens, set_training_template
+from mftcore.model.compile import compiled_loss
 from mftcore.model.decoder import causal_lm
 from mftcore.model.load import load_tokenizer
 from mftcore.model.loss_model import LossModel
@@ -43,6 +44,7 @@ from mftcore.model.moe import moe_spec
 from mftcore.optim import build_optimizer, build_scheduler
 from mftcore.parallel.comm import sum_numbers, sum_over_ranks
 from mftcore.parallel.engine import SKIP_REASONS
+from mftcore.parallel.tuning import run_shapes, share_kernel_tuning
 from mftcore.weighting import build_weighting
 
 
@@ -217,8 +219,11 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     n_params = sum(p.numel() for p in model.parameters())  # before sharding, which hides sizes from ZeRO-3
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flop_params, attn = matmul_params(lm), attention_width(lm)
-    engine = parallel.wrap(LossModel(model, K), cfg, env, dtype=dtype, scaler=scaler, moe=moe,
+    shapes = run_shapes(cfg, lm, dtype)  # before wrapping: an engine may shard the LM head
+    loss_model = LossModel(model, K, compiled_loss()) if cfg.torch_compile else LossModel(model, K)
+    engine = parallel.wrap(loss_model, cfg, env, dtype=dtype, scaler=scaler, moe=moe,
                            make_optimizer=functools.partial(build_optimizer, cfg=cfg))
+    share_kernel_tuning(env, shapes)  # many ranks: rank 0 times the kernels' candidates for all
     loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
                         accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed, rank=env.rank,
                         world_size=env.world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length,
