@@ -37,6 +37,18 @@ def test_a_missed_gate_names_itself_and_the_ratio(measured, expected):
         assert failed[0].startswith(f"gate packing.speedup_vs_python_bfd: measured {measured:.4g} < minimum 50")
 
 
+def test_the_ci_floor_applies_only_where_asked_and_where_a_gate_has_one():
+    ci_min, gate_min = GATES["data"]["parquet_over_jsonl"]["ci_min"], GATES["data"]["parquet_over_jsonl"]["min"]
+    between = {"parquet_over_jsonl": (ci_min + gate_min) / 2}
+    assert ci_min < gate_min and len(common.gate_failures("data", between, GATES)) == 1
+    assert common.gate_failures("data", between, GATES, floor="ci_min") == []
+    failed = common.gate_failures("data", {"parquet_over_jsonl": ci_min - 0.01}, GATES, floor="ci_min")
+    assert len(failed) == 1 and f"< minimum {ci_min:g}" in failed[0]
+    # a gate without ci_min keeps its min under the CI floor
+    assert len(common.gate_failures("packing", {"speedup_vs_python_bfd": 49.0, "speedup_vs_python_next_fit": 8.0,
+                                                "fill_bfd": 0.9999}, GATES, floor="ci_min")) == 1
+
+
 def test_every_gate_has_a_minimum_what_and_measured():
     for section, gates in GATES.items():
         if section.startswith("_"):
