@@ -39,6 +39,13 @@ def _is_one(value) -> bool:
         return False
 
 
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the type check names it
+
+
 def _only(expected, hint: str) -> Callable[[object], Optional[str]]:
     return lambda v: None if v == expected else f"{v!r} is not supported; {hint}"
 
@@ -115,6 +122,8 @@ def normalise(raw: dict, source: str = "config") -> dict:
     for key in LIST_KEYS:
         if out.get(key) and not (key == "target_modules" and out[key] == "all-linear"):
             out[key] = parse_list(out[key], key, source)
+    if isinstance(raw.get("task_weights"), str):  # "[1,2]": the weights arrive as text
+        out["task_weights"] = [_number(w) for w in out["task_weights"]]
     if isinstance(out.get("distributed_type"), str):
         out["distributed_type"] = out["distributed_type"].lower()
     check_model_type(out.get("model_type"), source)

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from mftcore.data.encode import parse_line, read_errors
 from mftcore.data.render import DEFAULT_ROLE_MARKERS, RenderError, render_record, tokenize_segments
 from mftcore.errors import ConfigError, DataError
-from mftcore.io import atomic_write_text
+from mftcore.io import atomic_write_text, open_regular
 from mftcore.model.chat_template import saved_role_markers
+from mftcore.model.load import check_vocabulary
+from mftcore.outputs import check_output
 
 
 @dataclass
@@ -80,6 +83,7 @@ def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code
 
         model = apply_adapter(model, adapter, model_dir)
     model.to(device).eval()
+    check_vocabulary(model, tokenizer, where="--model")
     markers, _ = saved_role_markers(adapter, model_dir)
     return Generator(model, tokenizer, markers, device)
 
@@ -108,19 +112,18 @@ def prompt_ids(gen: Generator, record: dict) -> list:
 
 
 def read_prompts(path: str) -> list:
-    """prompts.jsonl -> records; a bad line is a DataError naming file:line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: prompt file not found")
+    """prompts.jsonl -> records, through the guarded read path (a regular file) and the strict JSON
+    reader of the training data; a bad line (invalid UTF-8 or JSON, no prompt) is a DataError naming
+    file:line."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open_regular(path, DataError, missing=f"{path}: prompt file not found", what="prompt file") as f, \
+            read_errors(path):
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_line(raw)
                 render_record({"chat_rounds": prompt_rounds(record)}, DEFAULT_ROLE_MARKERS)  # validates roles
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
             except RenderError as e:
                 raise DataError(f"{path}:{lineno}: {e}") from None
             records.append(record)
@@ -209,6 +212,8 @@ def answer(model_dir: str, adapter: str | None = None, *, prompt: str | None = N
         raise ConfigError("generate: give exactly one of --prompt and --file")
     if system is not None and file is not None:
         raise ConfigError("--system: only with --prompt (put \"system\" in the lines of --file)")
+    if output is not None:
+        check_output(output, "--output", {"prompt file": file, "model": model_dir, "adapter": adapter}, file=True)
     records = read_prompts(file) if file is not None else None
     gen = load_generator(model_dir, adapter, trust_remote_code)
     if prompt is not None:

@@ -21,6 +21,7 @@ from mftcore.io import CONFIG_FILE, atomic_dir, atomic_write_json, read_json_obj
 from mftcore.mftcoder import check_model_type
 from mftcore.model.chat_template import build_chat_template, saved_role_markers
 from mftcore.model.families import check_model_matches, resolve_eos_token
+from mftcore.outputs import check_output, is_model_dir
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -30,8 +31,8 @@ def check_inputs(base: str, adapter: str, out: str) -> None:
         raise ConfigError(f"--base: {base}: no config.json (not an HF model directory)")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise ConfigError(f"--adapter: {adapter}: no adapter_config.json (not a PEFT adapter directory)")
-    if os.path.abspath(out) in (os.path.abspath(base), os.path.abspath(adapter)):
-        raise ConfigError(f"--out: {out}: would overwrite an input; choose a new directory")
+    # --out must not be, contain or (existing) lie inside an input or a training run (mftcore/outputs.py)
+    check_output(out, "--out", {"base model": base, "adapter": adapter}, replaceable=is_model_dir)
 
 
 def apply_adapter(model, adapter: str, base: str):

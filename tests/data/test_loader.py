@@ -100,10 +100,16 @@ def test_each_rank_reads_only_its_share(pack):
     assert not views[0].read & views[1].read and views[0].read | views[1].read == set(range(300))
 
 
+def epoch_groups(loader, epoch: int) -> list:
+    """This rank's micro-batches of one epoch, each a list of rows (pack) or of sample indices."""
+    units = loader._epoch_units(epoch)
+    return [g for start in range(0, len(units), loader.units_per_step) for g in loader._step_groups(units, start)]
+
+
 def test_packing_fills_rows_and_steps_per_epoch_is_exact():
     samples = make_samples(2000)
     loader = StepLoader(samples, batch_size=8, accumulation=1, pad_id=0, seed=1, pack=True, seq_length=64)
-    groups = [loader._epoch_groups(e) for e in range(3)]
+    groups = [epoch_groups(loader, e) for e in range(3)]
     assert len({len(g) for g in groups}) == 1 and len(groups[0]) == loader.steps_per_epoch()
     rows = [row for g in groups[0] for row in g]
     used = sum(len(samples[int(j)].input_ids) for row in rows for j in row)

@@ -123,7 +123,8 @@ def test_checkpoint_holds_everything_and_loads_without_unpickling_code(tmp_path)
         torch.load(ckpt / name, weights_only=True)
     AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)  # a plain HF model directory
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["data"] == {"epoch": 0, "step_in_epoch": 2}
+    assert state["step"] == 2 and state["data"]["epoch"] == 0 and state["data"]["step_in_epoch"] == 2
+    assert state["data"]["consumed"] == 2 * 8 and state["data"]["units_per_step"] == 8
     assert state["weighted_loss_mode"] == "self-paced" and len(state["loss_mode"]["steps"]) == 2
 
     # A pickle that runs code when unpickled, in place of the optimizer state: resume must refuse it.
