@@ -273,9 +273,9 @@ def state_problem(state: dict, path: str) -> str | None:
         return f"{STATE_FILE}: step {state['step']} in a directory named {os.path.basename(path)}"
     if state.get("world_size", 1) < 1 or state["step"] < 0:
         return f"{STATE_FILE}: negative step or world_size"
-    for key, kind in DATA_TYPES.items():
-        value = state["data"].get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+    for key in (*DATA_TYPES, "consumed", "units", "units_per_step", "world_size"):
+        value = state["data"].get(key, 0 if key not in DATA_TYPES else None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"{STATE_FILE}: data.{key} must be an integer >= 0, got {value!r}"
     return None
 

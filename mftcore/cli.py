@@ -181,6 +181,19 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def report(message: str) -> None:
+    """The error line, on a line of its own: a progress bar still open would otherwise share it."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            with contextlib.suppress(Exception):
+                bar.close()
+    except ImportError:
+        pass
+    print(f"mftcore: error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -189,12 +202,12 @@ def main(argv=None) -> int:
     except MftcoreError as e:
         if args.debug:
             raise
-        print(f"mftcore: error: {one_line(e)}", file=sys.stderr)
+        report(one_line(e))
         return e.exit_code
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("mftcore: error: interrupted (Ctrl-C); what was being written was removed", file=sys.stderr)
+        report("interrupted (Ctrl-C); what was being written was removed")
         return 130
     except BrokenPipeError:  # `mftcore generate ... | head`: the reader is gone, which is not an error
         with contextlib.suppress(OSError):
@@ -204,7 +217,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"mftcore: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        report(f"{where}{e.strerror or one_line(e)}")
         return 2
 
 

@@ -428,19 +428,37 @@ def remove_dir(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+TEMP_NAME = re.compile(r"^\.(tmp|old|del)-(.+)-[0-9a-f]{8}$")  # what temp_sibling makes, and nothing else
+
+
 def remove_leftovers(directory: str) -> None:
-    """The temporary files and directories of writes or deletes that a killed process did not finish.
-    A replaced directory (.old-NAME-xxxx) whose replacement never arrived is put back as NAME."""
-    for path in glob.glob(os.path.join(directory, ".old-*")):
-        name = re.sub(r"-[0-9a-f]{8}$", "", os.path.basename(path)[len(".old-"):])
-        target = os.path.join(directory, name)
-        if name and not os.path.lexists(target):
+    """The temporary files and directories of writes or deletes that a killed process did not finish:
+    only names temp_sibling makes, and never an owned one whose writer is alive (a cache build sharing
+    the directory). A replaced directory (.old-NAME-xxxxxxxx) whose replacement never arrived is put
+    back as NAME."""
+    if not os.path.isdir(directory):
+        return
+    names = sorted(os.listdir(directory))
+    for n in names:
+        m = TEMP_NAME.match(n)
+        if m and m.group(1) == "old" and not os.path.lexists(os.path.join(directory, m.group(2))):
             with contextlib.suppress(OSError):
-                os.replace(path, target)
-    for prefix in TEMP_PREFIXES:
-        for path in glob.glob(os.path.join(directory, prefix + "*")):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+                os.replace(os.path.join(directory, n), os.path.join(directory, m.group(2)))
+    for n in names:
+        path = os.path.join(directory, n)
+        if not TEMP_NAME.match(n) or not os.path.lexists(path) or owned_by_live_writer(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def owned_by_live_writer(path: str) -> bool:
+    try:
+        with open(os.path.join(path, OWNER_FILE)) as f:
+            host, pid = f.read().split()
+    except (OSError, ValueError):
+        return False
+    return host != socket.gethostname() or process_alive(int(pid))

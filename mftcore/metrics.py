@@ -15,6 +15,7 @@ peak of the GPU from PEAK_TFLOPS below (no MFU on CPU, or in fp32, without `peak
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -82,6 +83,17 @@ class Metrics:
     def print(self, message: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(message)
+
+    def abort(self) -> None:
+        """The run is failing: end the progress bar's line (so the error is a line of its own), close the
+        files; errors of their own (a full disk) are not allowed to hide the one being raised."""
+        if self.enabled and self.bar is not None:
+            with contextlib.suppress(Exception):
+                self.bar.close()
+            self.jsonl.close()
+            with contextlib.suppress(Exception):
+                self.tb.close()
+            self.enabled = False
 
     def close(self) -> None:
         if self.enabled:

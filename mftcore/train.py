@@ -53,7 +53,12 @@ def train(cfg: TrainConfig) -> str:
     try:
         check_train_paths(cfg)
         with RunLock(cfg.output_dir, enabled=env.rank == 0):  # before anything in output_dir is touched
-            return train_loop(build_run(cfg, env))
+            run = build_run(cfg, env)
+            try:
+                return train_loop(run)
+            except BaseException:
+                run.metrics.abort()  # the progress bar's line ended, so the error prints as a line of its own
+                raise
     finally:
         parallel.teardown(env)
 
@@ -263,11 +268,12 @@ def resume(run: Run, path: str) -> dict:
     defaults = TrainerState()
     for key in asdict(defaults):
         setattr(run.state, key, saved.get(key, getattr(defaults, key)))
-    run.loader.load_state_dict(saved["data"])
-    run.position = run.loader.state_dict()
-    if run.weighting is not None:
-        run.weighting.load_state_dict(saved["loss_mode"])
-        run.sampler.load_state_dict(saved["valid_sampler"])
+    with checkpoint.load_errors(path):  # the loop's states are read from JSON: one line if they do not fit
+        run.loader.load_state_dict(saved["data"])
+        run.position = run.loader.state_dict()
+        if run.weighting is not None:
+            run.weighting.load_state_dict(saved["loss_mode"])
+            run.sampler.load_state_dict(saved["valid_sampler"])
     checkpoint.restore_checkpoint_rng(path, run.env.rank)
     return saved
 

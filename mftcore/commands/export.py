@@ -28,7 +28,7 @@ from mftcore.outputs import check_output, is_model_dir
 
 
 def export_inputs(path: str, cfg: TrainConfig) -> dict:
-    inputs = {"checkpoint": path, "run directory": os.path.dirname(os.path.abspath(path)),
+    inputs = {"checkpoint": path, "training run directory": os.path.dirname(os.path.abspath(path)),
               "pretrained_model_path": cfg.pretrained_model_path, "tokenizer_path": cfg.tokenizer_path}
     inputs.update({f"data path {i + 1}": p for i, p in enumerate(cfg.data_paths or [])})
     return inputs
@@ -39,17 +39,15 @@ def export_checkpoint(path: str, out: str, trust_remote_code: bool = False) -> s
         raise ConfigError(f"export: {path}: not a checkpoint directory (no {STATE_FILE})")
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         raise ConfigError(f"export: {path}: no {CONFIG_FILE} (saved by an older mftcore); its weights are in place")
-    check_output(out, "export", {"checkpoint": path, "run directory": os.path.dirname(os.path.abspath(path))},
-                 replaceable=is_model_dir)
+    cfg = TrainConfig.from_file(os.path.join(path, CONFIG_FILE))  # read and checked; nothing of it runs yet
+    check_output(out, "export", export_inputs(path, cfg), replaceable=is_model_dir)
     problem = checkpoint_problem(path)
     if problem:
         raise CheckpointError(f"export: {path}: damaged: {problem}")
-    cfg = TrainConfig.from_file(os.path.join(path, CONFIG_FILE))
     if cfg.trust_remote_code and not trust_remote_code:
         print(f"mftcore: note: {path}'s config sets trust_remote_code; ignored: only --trust_remote_code on this "
               "command line lets a model's own code run", file=sys.stderr)
     cfg.trust_remote_code = trust_remote_code
-    check_output(out, "export", export_inputs(path, cfg), replaceable=is_model_dir)
     engine, problem = format_of(path, read_state(path))
     if problem:  # checkpoint_problem said the same; kept for a checkpoint changed since
         raise CheckpointError(f"export: {path}: {problem}")

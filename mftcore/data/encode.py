@@ -101,9 +101,16 @@ def init_worker(tokenizer, spec: EncodeSpec) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool and reports it in one line;
     # a worker printing its own KeyboardInterrupt traceback would only add noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler raises: here it would only print
+    # SIGTERM (the pool's terminate(), or a scheduler signalling the whole job) unwinds the worker: dying
+    # on the spot while it holds the task queue's lock would leave the parent's terminate() waiting for
+    # that lock forever (measured: a group SIGTERM during tokenization hung `prepare`).
+    signal.signal(signal.SIGTERM, exit_quietly)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # blocked by the parent
     _WORKER["tokenizer"], _WORKER["spec"] = tokenizer, spec
+
+
+def exit_quietly(signum, frame):
+    raise SystemExit(128 + signum)  # an int code: multiprocessing exits with it and prints nothing
 
 
 def encode_job(job: tuple) -> EncodedChunk:

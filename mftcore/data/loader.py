@@ -170,17 +170,17 @@ class StepLoader:
         epoch, step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         consumed = int(state.get("consumed", min(step_in_epoch * self.units_per_step, self.units)))
         mid_epoch = 0 < consumed < int(state.get("units", self.units))
+        if mid_epoch and self.pack and state.get("world_size", self.world_size) != self.world_size:
+            raise ConfigError(f"resume_from_checkpoint: the checkpoint stopped mid-epoch with packed rows split for "
+                              f"{state['world_size']} ranks; this run's {self.world_size} would pack the epoch "
+                              f"into other rows: resume on {state['world_size']} ranks, or from a checkpoint at "
+                              "the end of an epoch")
         if mid_epoch and state.get("units", self.units) != self.units:
             what = "packed rows" if self.pack else "training samples"
             raise ConfigError(f"resume_from_checkpoint: the checkpoint stopped mid-epoch after {consumed} of its "
                               f"{state['units']} {what}, this run has {self.units} (other data, data_split, "
                               f"seq_length or packing): no exact continuation; resume with the same data, or from "
                               f"a checkpoint at the end of an epoch")
-        if mid_epoch and self.pack and state.get("world_size", self.world_size) != self.world_size:
-            raise ConfigError(f"resume_from_checkpoint: the checkpoint stopped mid-epoch with packed rows split for "
-                              f"{state['world_size']} ranks; this run's {self.world_size} would pack the epoch "
-                              f"into other rows: resume on {state['world_size']} ranks, or from a checkpoint at "
-                              "the end of an epoch")
         self.epoch, self.step_in_epoch, self.consumed = epoch, step_in_epoch, consumed
 
 

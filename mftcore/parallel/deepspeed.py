@@ -231,8 +231,8 @@ class DeepSpeedEngine(Engine):
         tag = os.path.join(directory, TAG)
         names = sorted(os.listdir(tag))
         optim = [n for n in names if n.endswith("optim_states.pt")]
-        if "mp_rank_00_model_states.pt" not in names:
-            return f"{TAG}/mp_rank_00_model_states.pt is missing"
+        if not any(n.endswith("model_states.pt") for n in names):  # mp_rank_00_ (ZeRO-2), zero_pp_rank_<r>_ (3)
+            return f"{TAG}/ holds no model states (mp_rank_00_model_states.pt) "
         world = int(state.get("world_size", 1)) if isinstance(state.get("world_size", 1), int) else 1
         if len(optim) < world:
             return f"{TAG}/ holds {len(optim)} optimizer-state files for {world} ranks"
@@ -246,7 +246,8 @@ class DeepSpeedEngine(Engine):
 
 # What DeepSpeed's checkpoint pickles name beyond torch's weights_only set (checked before DeepSpeed
 # unpickles them without restriction): its own config enums and loss-scaler classes.
-DEEPSPEED_GLOBALS = ("deepspeed.",)
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:

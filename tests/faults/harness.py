@@ -119,3 +119,26 @@ def snapshot(path) -> dict:
             with open(full, "rb") as f:
                 out[os.path.relpath(full, path)] = f.read()
     return out
+
+
+def restamp(ckpt) -> None:
+    """Rewrite a checkpoint's manifest to its files' current sizes: a meddler who edits a file and fixes
+    the manifest too, so that the checks behind the manifest's must catch the edit."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    files = {}
+    for root, _, names in os.walk(ckpt):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), ckpt)
+            if rel != "manifest.json":
+                files[rel] = os.path.getsize(os.path.join(root, n))
+    manifest["files"] = files
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+class Payload:
+    """A pickle that creates `Payload.marker` when it is unpickled: what code execution would look like."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(Payload.marker), "w"))

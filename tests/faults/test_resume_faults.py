@@ -12,18 +12,13 @@ import shutil
 import pytest
 import torch
 
-from tests.faults.harness import base_config, check_refused, check_succeeded, run_cli, snapshot, write_json
+from tests.faults.harness import Payload, check_refused, check_succeeded, restamp, run_cli, snapshot, write_json
 from tests.helpers.engine import assert_bitwise_equal, read_metrics, tensors
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume-reference")
-    cfg = base_config(root, max_train_steps=3, checkpointing_steps=1, cache_dir=str(root / "cache"))
-    from mftcore.cli import main
-
-    assert main(["train", write_json(root / "c.json", cfg)]) == 0
-    return root, cfg
+def reference(trained_run):
+    return trained_run["root"], trained_run["config"]
 
 
 def at_step_2(reference, tmp_path, **updates):
@@ -81,24 +76,9 @@ def edit_state(**changes):
     return damage
 
 
-def restamp(ckpt):
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"] = {rel: os.path.getsize(ckpt / rel) for rel in manifest["files"]}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
-
-
 def empty(ckpt):
     shutil.rmtree(ckpt)
     ckpt.mkdir()
-
-
-class Payload:
-    """Unpickling it would create the marker file: code execution."""
-
-    marker = None
-
-    def __reduce__(self):
-        return (open, (str(Payload.marker), "w"))
 
 
 def pickle_payload(name):
