@@ -32,8 +32,16 @@ import torch
 
 from mftcore.errors import ConfigError, MftcoreError
 from mftcore.integrity import CheckpointError, json_problem, load_torch_file, torch_file_problem
-from mftcore.io import (CONFIG_FILE, MANIFEST_FILE, STATE_FILE, atomic_dir, atomic_write_json, read_json_object,
-                        remove_dir, tree_size)
+from mftcore.io import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    STATE_FILE,
+    atomic_dir,
+    atomic_write_json,
+    read_json_object,
+    remove_dir,
+    tree_size,
+)
 from mftcore.parallel import ENGINES, comm
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")

@@ -39,7 +39,8 @@ def safetensors_problem(path: str) -> str | None:
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if n < 2 or n > min(MAX_SAFETENSORS_HEADER, size - 8):
-                return f"{os.path.basename(path)}: not a whole safetensors file ({size} bytes; truncated or overwritten)"
+                return (f"{os.path.basename(path)}: not a whole safetensors file ({size} bytes; truncated or "
+                        "overwritten)")
             header = parse_json(f.read(n), max_depth=8)
     except OSError as e:
         return f"{os.path.basename(path)}: cannot read: {e.strerror}"
@@ -195,7 +196,8 @@ def dcp_problem(directory: str) -> str | None:
         if not os.path.isfile(shard):
             return f"{os.path.basename(directory)}/{rel} is missing"
         if os.path.getsize(shard) < end:
-            return f"{os.path.basename(directory)}/{rel}: {os.path.getsize(shard)} bytes, its metadata needs {end} (truncated)"
+            return (f"{os.path.basename(directory)}/{rel}: {os.path.getsize(shard)} bytes, its metadata needs {end} "
+                    "(truncated)")
     return None
 
 

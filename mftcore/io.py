@@ -217,7 +217,8 @@ WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
                 errno.EROFS: "read-only file system", errno.EIO: "input/output error (failing device?)",
                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
                 errno.ENOTDIR: "a parent of it is not a directory", errno.ENAMETOOLONG: "name too long"}
-SPACE_REASONS = ("no space left on device", "disk quota exceeded", "file too large for this filesystem or process limit")
+SPACE_REASONS = ("no space left on device", "disk quota exceeded",
+                 "file too large for this filesystem or process limit")
 # What torch.save (C++) and safetensors (Rust) say when the OS refuses a write: they raise RuntimeError
 # or their own error types, not OSError, so the errno is in the text if anywhere.
 NATIVE_WRITE_FAILURE = re.compile(r"(?i)no space left|file write failed|failed writing|quota|storagefull|"

@@ -25,7 +25,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mftcore.io import METRICS_FILE, AppendFile, atomic_write_text, write_guard
+from mftcore.io import METRICS_FILE, AppendFile, atomic_write_text, open_regular, write_guard
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4), ("A100", 312.0),
@@ -152,7 +152,7 @@ def keep_records_up_to(path: str, step: int) -> None:
     any line that is not a JSON record (it could only be damage), with a note."""
     if not os.path.isfile(path):
         return
-    with open(path, "rb") as f:
+    with open_regular(path, what="metrics file") as f:
         raw = f.read()
     kept, damaged = [], 0
     for line in raw.split(b"\n")[:-1] if raw.endswith(b"\n") else raw.split(b"\n"):

@@ -24,6 +24,7 @@ import fcntl
 import os
 import re
 import socket
+import sys
 import time
 
 from mftcore.errors import ConfigError
@@ -35,7 +36,7 @@ MAX_SCAN = 2000  # entries looked at when asking whether a directory holds a run
 
 
 def real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(os.path.expanduser(str(path))))
+    return os.path.realpath(os.path.abspath(str(path)))  # no ~ expansion: the writers do not expand it either
 
 
 def inside(child: str, parent: str) -> bool:
@@ -182,6 +183,10 @@ class RunLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(f"output_dir: {self.output_dir} is in use by another run ({holder}); wait for it "
                                   "to finish or choose another output_dir") from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without locks (some NFS)
+                print(f"mftcore: note: {self.output_dir}: the filesystem does not lock files; nothing stops a "
+                      "second run on this output_dir", file=sys.stderr)
+                return self
             raise
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "

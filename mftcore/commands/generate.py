@@ -18,9 +18,9 @@ import torch
 from mftcore.data.encode import parse_line, read_errors
 from mftcore.data.render import DEFAULT_ROLE_MARKERS, RenderError, render_record, tokenize_segments
 from mftcore.errors import ConfigError, DataError
+from mftcore.integrity import weights_problem
 from mftcore.io import atomic_write_text, open_regular
 from mftcore.model.chat_template import saved_role_markers
-from mftcore.integrity import weights_problem
 from mftcore.model.load import check_vocabulary, load_hf_tokenizer
 from mftcore.outputs import check_output
 

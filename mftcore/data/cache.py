@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from mftcore.data.encode import EncodeSpec, encode_job, encode_lines, init_worker, read_chunks
 from mftcore.data.files import content_digests, jsonl_files
 from mftcore.errors import DataError
-from mftcore.io import atomic_dir, atomic_write_json, read_json_object, remove_abandoned
+from mftcore.io import atomic_dir, atomic_write_json, read_json_object, remove_abandoned, remove_dir
 
 FORMAT = 2  # bump when rendering or the layout changes: every old entry is then ignored (2: content keys)
 MAX_SKIP_EXAMPLES = 3
@@ -96,12 +96,38 @@ def prepare_cache(cfg, tokenizer, eos_id: int, *, local_rank: int = 0, progress:
     key = cache_key(cfg, tokenizer, eos_id, remember=local_rank == 0)
     path = entry_dir(cfg, key)
     if os.path.isfile(os.path.join(path, "meta.json")):
-        return path, True
+        problem = entry_problem(path)
+        if problem is None:
+            return path, True
+        if local_rank != 0:
+            raise DataError(f"{path}: the data cache entry is damaged ({problem}); local rank 0 rebuilds it: run again")
+        print(f"mftcore: note: {path}: the data cache entry is damaged ({problem}); building it again",
+              file=sys.stderr)
+        remove_dir(path)  # derived data, rebuilt from the files below
     if local_rank != 0:
         wait_for(path, wait_timeout)
         return path, True
     build(path, key, cfg, tokenizer, eos_id, progress)
     return path, False
+
+
+def entry_problem(path: str) -> str | None:
+    """Why a finished cache entry cannot be read as it is (a file truncated or replaced since), or None."""
+    try:
+        meta = read_json_object(os.path.join(path, "meta.json"), error=DataError)
+        offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+        n, tokens = int(meta["num_samples"]), int(offsets[-1])
+        for name, rows in (("task_ids.npy", n), ("sources.npy", n)):
+            if len(np.load(os.path.join(path, name), mmap_mode="r")) != rows:
+                return f"{name} does not match meta.json"
+        if len(offsets) != n + 1:
+            return "offsets.npy does not match meta.json"
+        for name, size in (("input_ids.bin", 4 * tokens), ("loss_mask.bin", tokens)):
+            if os.path.getsize(os.path.join(path, name)) != size:
+                return f"{name} is {os.path.getsize(os.path.join(path, name))} bytes, expected {size}"
+    except (DataError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return str(e).split(": ", 1)[-1][:200] or type(e).__name__
+    return None
 
 
 def wait_for(path: str, timeout: float) -> None:

@@ -15,7 +15,6 @@ from mftcore.integrity import weights_problem
 from mftcore.model.attention import ATTN_IMPLEMENTATION  # importing it registers "mftcore_varlen"
 from mftcore.model.families import check_loss_compatible, check_model_matches, resolve_eos_token
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
 
@@ -47,7 +46,8 @@ def load_hf_tokenizer(path: str, key: str, trust_remote_code: bool = False):
             raise ConfigError(f"{key}: {path}: the tokenizer needs its own code; allow it with trust_remote_code "
                               "only if you trust it") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{key}: {path}: the tokenizer cannot be loaded ({type(e).__name__}: {first[:200]})") from None
+        raise ConfigError(f"{key}: {path}: the tokenizer cannot be loaded ({type(e).__name__}: "
+                          f"{first[:200]})") from None
 
 
 def set_eos_token(tok, token: str) -> None:

@@ -246,8 +246,10 @@ class DeepSpeedEngine(Engine):
 
 # What DeepSpeed's checkpoint pickles name beyond torch's weights_only set (checked before DeepSpeed
 # unpickles them without restriction): its own config enums and loss-scaler classes.
-DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:

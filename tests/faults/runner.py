@@ -40,7 +40,6 @@ import mftcore.cli  # noqa: E402
 import mftcore.data.cache  # noqa: E402
 import mftcore.io  # noqa: E402
 import mftcore.train  # noqa: E402
-import transformers.modeling_utils  # noqa: E402
 from mftcore.checkpoint import checkpoint_problem  # noqa: E402
 from tests.faults.harness import base_config, leftovers  # noqa: E402
 from tests.helpers.paths import TINY_MODEL  # noqa: E402
@@ -63,6 +62,7 @@ def sites():
     import multiprocessing.pool
 
     import transformers
+    import transformers.modeling_utils
 
     return {
         "step": [(mftcore.train, "train_step")],
@@ -362,7 +362,8 @@ def signal_case(case: dict, workdir: str, calibration: dict) -> dict:
               "rerun_rc": rerun["rc"], "rerun_err": rerun["err"][-2000:],
               "exported_exists": os.path.exists(os.path.join(case_dir, "exported"))}
     if case.get("command", "train") == "train":
-        result["same_weights"] = same_weights(final_weights(cfg["output_dir"]), final_weights(calibration["output_dir"]))
+        result["same_weights"] = same_weights(final_weights(cfg["output_dir"]),
+                                              final_weights(calibration["output_dir"]))
     return result
 
 

@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from tests.faults.harness import (base_config, check_refused, check_succeeded, leftovers, run_cli, snapshot,
-                                  write_json)
+from tests.faults.harness import base_config, check_refused, check_succeeded, leftovers, run_cli, snapshot, write_json
 from tests.helpers.paths import TOKENIZER
 
 GOOD = {"chat_rounds": [{"role": "human", "content": "How do I list files?"}, {"role": "bot", "content": "ls -la"}]}
@@ -232,3 +231,19 @@ def test_token_ids_beyond_the_embedding(tmp_path, capfd):
     before = snapshot(d)
     check_refused(run_cli(capfd, ["train", write_json(tmp_path / "c.json", cfg)]), "a.jsonl:", f"vocabulary of {vocab}")
     assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate-ids", "meta-not-json", "offsets-missing"])
+def test_a_damaged_cache_entry_is_built_again(tmp_path, capfd, damage):
+    d = task(tmp_path)
+    check_succeeded(prepare(tmp_path, capfd, [d]))
+    (entry,) = [e for e in (tmp_path / "cache").iterdir() if e.is_dir()]
+    if damage == "truncate-ids":
+        os.truncate(entry / "input_ids.bin", 5)
+    elif damage == "meta-not-json":
+        (entry / "meta.json").write_text('{"format": 2, ')
+    else:
+        os.remove(entry / "offsets.npy")
+    outcome = prepare(tmp_path, capfd, [d])
+    check_succeeded(outcome)
+    assert "damaged" in outcome.err and "(built)" in outcome.err
