@@ -84,6 +84,27 @@ def weights_problem(directory: str) -> str | None:
     return "no model weights (model.safetensors or adapter_model.safetensors) in it"
 
 
+def irregular_file(directory: str) -> str | None:
+    """The first entry of a model or tokenizer directory that is neither a regular file nor a directory
+    (a FIFO would block transformers' reader forever, a device never end; a broken link is named too)."""
+    import stat
+
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as e:
+        return f"cannot list it ({e.strerror})"
+    for name in names:
+        try:
+            mode = os.stat(os.path.join(directory, name)).st_mode
+        except OSError:
+            if os.path.islink(os.path.join(directory, name)):
+                return f"{name} is a broken symbolic link"
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return f"{name} is not a regular file"
+    return None
+
+
 def torch_archive(path: str) -> tuple[zipfile.ZipFile | None, str | None]:
     try:
         archive = zipfile.ZipFile(path)

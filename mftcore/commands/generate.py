@@ -18,7 +18,7 @@ import torch
 from mftcore.data.encode import parse_line, read_errors
 from mftcore.data.render import DEFAULT_ROLE_MARKERS, RenderError, render_record, tokenize_segments
 from mftcore.errors import ConfigError, DataError
-from mftcore.integrity import weights_problem
+from mftcore.integrity import irregular_file, weights_problem
 from mftcore.io import atomic_write_text, open_regular
 from mftcore.model.chat_template import saved_role_markers
 from mftcore.model.load import check_vocabulary, load_hf_tokenizer
@@ -80,7 +80,7 @@ def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"--model: {model_dir}: the tokenizer has no eos_token")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    problem = weights_problem(model_dir)
+    problem = irregular_file(model_dir) or weights_problem(model_dir)
     if problem:
         raise ConfigError(f"--model: {model_dir}: {problem}")
     try:

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from mftcore.errors import ConfigError
-from mftcore.integrity import weights_problem
+from mftcore.integrity import irregular_file, weights_problem
 from mftcore.io import CONFIG_FILE, atomic_dir, atomic_write_json, read_json_object
 from mftcore.mftcoder import check_model_type
 from mftcore.model.chat_template import build_chat_template, saved_role_markers
@@ -32,6 +32,9 @@ DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, 
 def check_inputs(base: str, adapter: str, out: str) -> None:
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise ConfigError(f"--base: {base}: no config.json (not an HF model directory)")
+    for flag, d in (("--base", base), ("--adapter", adapter)):
+        if os.path.isdir(d) and irregular_file(d):
+            raise ConfigError(f"{flag}: {d}: {irregular_file(d)}")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise ConfigError(f"--adapter: {adapter}: no adapter_config.json (not a PEFT adapter directory)")
     problem = weights_problem(adapter) if os.path.exists(os.path.join(adapter, "adapter_model.safetensors")) else None

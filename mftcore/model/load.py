@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mftcore.errors import ConfigError
-from mftcore.integrity import weights_problem
+from mftcore.integrity import irregular_file, weights_problem
 from mftcore.model.attention import ATTN_IMPLEMENTATION  # importing it registers "mftcore_varlen"
 from mftcore.model.families import check_loss_compatible, check_model_matches, resolve_eos_token
 
@@ -37,6 +37,9 @@ def load_hf_tokenizer(path: str, key: str, trust_remote_code: bool = False):
     it would need to run) as one line naming `key`."""
     if not os.path.isdir(path):
         raise ConfigError(f"{key}: {path}: not a directory")
+    problem = irregular_file(path)
+    if problem:
+        raise ConfigError(f"{key}: {path}: {problem}")
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise ConfigError(f"{key}: {path}: no tokenizer here (none of {', '.join(TOKENIZER_FILES[:3])}, ...)")
     try:
@@ -83,6 +86,8 @@ def load_model(cfg, vocab_size: int, dtype=torch.float32, quantization_config=No
         path = cfg.pretrained_model_path
         if not os.path.isdir(path):
             raise ConfigError(f"pretrained_model_path: {path}: not a directory")
+        if irregular_file(path):
+            raise ConfigError(f"pretrained_model_path: {path}: {irregular_file(path)}")
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
             check_model_matches(cfg.model_type, config)

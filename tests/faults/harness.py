@@ -48,15 +48,22 @@ def write_json(path, value) -> str:
     return str(path)
 
 
+class Hung(BaseException):
+    """A case that did not finish: a BaseException, so that no handler of the code under test takes it
+    for an error of its own."""
+
+
 @contextlib.contextmanager
 def deadline(seconds: float):
-    """Fail instead of hanging: a case that blocks (a FIFO read, a lost lock) raises after `seconds`."""
+    """Fail instead of hanging: a case that blocks (a FIFO read, a lost lock) raises Hung after `seconds`
+    of wall time. Only a failsafe: far beyond what a case takes on a loaded machine (seconds), so that
+    load alone cannot trigger it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def expire(signum, frame):
-        raise TimeoutError(f"the case did not finish within {seconds} s (it hangs)")
+        raise Hung(f"the case did not finish within {seconds} s (it hangs)")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -67,7 +74,7 @@ def deadline(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_cli(capfd, argv: list, timeout: float = 120) -> Outcome:
+def run_cli(capfd, argv: list, timeout: float = 900) -> Outcome:
     """`mftcore ARGV` in this process; its exit code and everything it wrote to fds 1 and 2."""
     from mftcore.cli import main
 

@@ -44,7 +44,7 @@ from mftcore.checkpoint import checkpoint_problem  # noqa: E402
 from tests.faults.harness import base_config, leftovers  # noqa: E402
 from tests.helpers.paths import TINY_MODEL  # noqa: E402
 
-CHILD_TIMEOUT = 240  # seconds a child may take before it counts as hung
+CHILD_TIMEOUT = 900  # wall seconds before a child counts as hung: a failsafe, far beyond a loaded machine's
 PARALLEL = 2
 
 # What the kill cases train: attention dropout (RNG every step), accumulation, self-paced weights with
@@ -170,7 +170,7 @@ def fill(mount: str, leave: int) -> None:
             pass  # already full
 
 
-def wait_for_file(path: str, timeout: float = 120):
+def wait_for_file(path: str, timeout: float = 900):
     def action(original, args, kwargs):
         with open(path + ".ready", "w") as f:
             f.write(str(os.getpid()))

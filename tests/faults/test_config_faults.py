@@ -175,7 +175,7 @@ FILE_CASES = [
 
 @pytest.mark.parametrize("make,names", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
 def test_bad_config_file_is_one_line(tmp_path, capfd, make, names):
-    check_refused(run_cli(capfd, ["train", make(tmp_path)], timeout=60), *names)
+    check_refused(run_cli(capfd, ["train", make(tmp_path)]), *names)
 
 
 def test_missing_config_file(tmp_path, capfd):

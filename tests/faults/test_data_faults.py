@@ -25,7 +25,7 @@ def task(tmp_path, name="t", lines=(GOOD,) * 4) -> str:
 
 def prepare(tmp_path, capfd, data_paths, **updates):
     cfg = base_config(tmp_path, data_paths=[str(p) for p in data_paths], **updates)
-    outcome = run_cli(capfd, ["prepare", write_json(tmp_path / "c.json", cfg)], timeout=60)
+    outcome = run_cli(capfd, ["prepare", write_json(tmp_path / "c.json", cfg)])
     assert not leftovers(tmp_path / "cache"), "a failed build left its temporary directory"
     return outcome
 
@@ -247,3 +247,19 @@ def test_a_damaged_cache_entry_is_built_again(tmp_path, capfd, damage):
     outcome = prepare(tmp_path, capfd, [d])
     check_succeeded(outcome)
     assert "damaged" in outcome.err and "(built)" in outcome.err
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "model"])
+def test_a_fifo_in_a_model_or_tokenizer_directory_is_named_not_read(tmp_path, capfd, tiny_pretrained, where):
+    import shutil
+
+    d = shutil.copytree(tiny_pretrained, tmp_path / "m")
+    os.remove(d / "tokenizer_config.json" if where == "tokenizer" else d / "config.json")
+    os.mkfifo(d / ("tokenizer_config.json" if where == "tokenizer" else "config.json"))
+    if where == "tokenizer":
+        cfg = base_config(tmp_path, data_paths=[task(tmp_path)], tokenizer_path=str(d))
+        outcome = run_cli(capfd, ["train", write_json(tmp_path / "c.json", cfg)])
+        check_refused(outcome, "tokenizer_path", "tokenizer_config.json", "not a regular file")
+    else:
+        outcome = run_cli(capfd, ["generate", "--model", d, "--prompt", "hi"])
+        check_refused(outcome, "--model", "config.json", "not a regular file")

@@ -98,7 +98,7 @@ def results(tmp_path_factory):
     cases.write_text(json.dumps(all_cases()))
     out = work / "results.json"
     proc = subprocess.run([*namespace_command(), sys.executable, "-m", "tests.faults.runner", str(work), str(cases),
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     found = json.loads(out.read_text())
     assert found["calibration"]["rc"] == 0, found["calibration"]["err"]
