@@ -162,7 +162,7 @@ def encoded_chunks(jobs, tokenizer, spec: EncodeSpec, workers: int):
         pool = ctx.Pool(workers, initializer=init_worker, initargs=(tokenizer, spec))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    with pool:
+    try:
         pending = deque()
         for lines, first, tag in jobs:
             pending.append((pool.apply_async(encode_job, ((lines, first),)), tag))
@@ -172,6 +172,14 @@ def encoded_chunks(jobs, tokenizer, spec: EncodeSpec, workers: int):
         while pending:
             result, done = pending.popleft()
             yield result.get(), done
+    except BaseException:  # an error, a signal, or the consumer stopped early (GeneratorExit)
+        pool.terminate()
+        raise
+    # Done: the workers leave through the queue's end-of-work sentinel. terminate() here (what `with
+    # pool` does) signals them instead, and once hung `prepare` in tests/faults on the loaded 2-core
+    # machine: a worker waiting for the task queue's lock, which terminate() holds, outlived the SIGTERM.
+    pool.close()
+    pool.join()
 
 
 def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> None:

@@ -76,8 +76,14 @@ def deadline(seconds: float):
 
 def run_cli(capfd, argv: list, timeout: float = 900) -> Outcome:
     """`mftcore ARGV` in this process; its exit code and everything it wrote to fds 1 and 2."""
+    from transformers.utils import logging as hf_logging
+
     from mftcore.cli import main
 
+    # transformers binds its log handler to the sys.stderr of the first case that logged, a capture
+    # stream pytest has closed since: bind it to this case's, as a fresh process would.
+    hf_logging._reset_library_root_logger()
+    hf_logging._configure_library_root_logger()
     capfd.readouterr()
     with deadline(timeout):
         try:
