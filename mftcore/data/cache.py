@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-import signal
 import sys
 import time
-from collections import deque
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from mftcore.data.encode import EncodeSpec, encode_job, encode_lines, init_worker, read_chunks
+from mftcore.data.encode import EncodeSpec, encode_lines, read_chunks
 from mftcore.data.files import content_digests, jsonl_files
+from mftcore.data.workers import EncoderProcesses
 from mftcore.errors import DataError
 from mftcore.io import atomic_dir, atomic_write_json, read_json_object, remove_abandoned, remove_dir
 
@@ -146,40 +144,19 @@ def worker_count(cfg) -> int:
 
 def encoded_chunks(jobs, tokenizer, spec: EncodeSpec, workers: int):
     """Encode (lines, first_line, tag) jobs, yielding (EncodedChunk, tag) in job order: in-process,
-    or in `workers` processes with a bounded number of chunks in flight, so that memory stays flat
-    however large the files are."""
+    or in `workers` processes (mftcore/data/workers.py) with one chunk in flight each, so that memory
+    stays flat however large the files are."""
     if workers <= 1:
         for lines, first, tag in jobs:
             yield encode_lines(lines, first, tokenizer, spec), tag
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    # A worker forked with our Python SIGTERM handler, and terminated before init_worker replaced it,
-    # would lose the signal and never exit (the pool's join then waits forever): the workers are born
-    # with SIGTERM and SIGINT blocked, and init_worker unblocks them once they have their own handlers.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    procs = EncoderProcesses(workers, tokenizer, spec)
     try:
-        pool = ctx.Pool(workers, initializer=init_worker, initargs=(tokenizer, spec))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    try:
-        pending = deque()
-        for lines, first, tag in jobs:
-            pending.append((pool.apply_async(encode_job, ((lines, first),)), tag))
-            if len(pending) >= 4 * workers:
-                result, done = pending.popleft()
-                yield result.get(), done
-        while pending:
-            result, done = pending.popleft()
-            yield result.get(), done
+        yield from procs.map_ordered(jobs)
     except BaseException:  # an error, a signal, or the consumer stopped early (GeneratorExit)
-        pool.terminate()
+        procs.kill()
         raise
-    # Done: the workers leave through the queue's end-of-work sentinel. terminate() here (what `with
-    # pool` does) signals them instead, and once hung `prepare` in tests/faults on the loaded 2-core
-    # machine: a worker waiting for the task queue's lock, which terminate() holds, outlived the SIGTERM.
-    pool.close()
-    pool.join()
+    procs.close()
 
 
 def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> None:

@@ -90,9 +90,7 @@ def encode_lines(lines: list, first_line: int, tokenizer, spec: EncodeSpec) -> E
                         truncated, dropped, bad, loss_tokens, no_loss, max_id, max_id_line)
 
 
-# --- worker-process side: the tokenizer and spec are set once per process by the pool initializer ---
-_WORKER = {}
-
+# --- worker-process side (mftcore/data/workers.py) ---
 
 def init_worker(tokenizer, spec: EncodeSpec) -> None:
     # A forked child must not start the tokenizer's own thread pool (it may inherit a locked one);
@@ -101,21 +99,14 @@ def init_worker(tokenizer, spec: EncodeSpec) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool and reports it in one line;
     # a worker printing its own KeyboardInterrupt traceback would only add noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM (the pool's terminate(), or a scheduler signalling the whole job) unwinds the worker: dying
-    # on the spot while it holds the task queue's lock would leave the parent's terminate() waiting for
-    # that lock forever (measured: a group SIGTERM during tokenization hung `prepare`).
+    # SIGTERM (a scheduler signalling the whole process group) ends the worker quietly; the parent
+    # reports it in one line and stops the others with SIGKILL.
     signal.signal(signal.SIGTERM, exit_quietly)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # blocked by the parent
-    _WORKER["tokenizer"], _WORKER["spec"] = tokenizer, spec
 
 
 def exit_quietly(signum, frame):
     raise SystemExit(128 + signum)  # an int code: multiprocessing exits with it and prints nothing
-
-
-def encode_job(job: tuple) -> EncodedChunk:
-    lines, first_line = job
-    return encode_lines(lines, first_line, _WORKER["tokenizer"], _WORKER["spec"])
 
 
 def read_chunks(path: str, max_lines: int = 512, max_bytes: int = 1 << 22):

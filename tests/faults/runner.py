@@ -59,8 +59,6 @@ KILL_RUN = dict(model_config={**TINY_MODEL, "attention_dropout": 0.1}, weighted_
 
 def sites():
     """name -> [(owner, attribute)] of the functions a kill or a signal can be attached to."""
-    import multiprocessing.pool
-
     import transformers
     import transformers.modeling_utils
 
@@ -72,7 +70,7 @@ def sites():
         "rename": [(os, "replace"), (os, "rename")],
         "chunk": [(mftcore.data.cache, "encode_lines")],
         "append": [(mftcore.io.AppendFile, "append")],
-        "pool-get": [(multiprocessing.pool.ApplyResult, "get")],
+        "pool-get": [(mftcore.data.workers.EncoderProcesses, "receive")],
         "tokenizer-save": [(transformers.PreTrainedTokenizerBase, "save_pretrained")],
         "metrics-write": [(mftcore.metrics.Metrics, "write")],
         "save-checkpoint": [(mftcore.checkpoint, "save_checkpoint"), (mftcore.train.checkpoint, "save_checkpoint")],
