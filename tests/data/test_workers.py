@@ -27,7 +27,7 @@ def jobs(n=7):
 
 
 def spec(tokenizer):
-    return EncodeSpec(dict(DEFAULT_ROLE_MARKERS), tokenizer.eos_token_id, 64)
+    return EncodeSpec(dict(DEFAULT_ROLE_MARKERS), tokenizer.eos_token_id, 256)
 
 
 def test_workers_give_the_in_process_chunks_in_job_order(tokenizer):
