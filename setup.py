@@ -42,7 +42,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels"],
+    packages=["mftcore", "mftcore.data", "mftcore.model", "mftcore.kernels", "mftcore.sandbox", "mftcore.codeeval"],
     ext_modules=[CMakeExtension("mftcore._packing")],
     cmdclass={"build_ext": CMakeBuild},
     # Lower bounds admit the GPU image (torch 2.11, triton 3.6, transformers 5.17); constraints.txt
@@ -57,6 +57,9 @@ setup(
         "tensorboard>=2.15",
         "tqdm>=4.66",
         "peft>=0.17",
+        # parquet/arrow/csv/json files, save_to_disk directories and Hub datasets (mftcore/data/sources.py);
+        # 5.2.0 tested. It needs no torch.
+        "datasets>=4.0",
     ],
     # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested);
     # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).

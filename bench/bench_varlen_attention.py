@@ -3,7 +3,7 @@
 GPU part, called by bench/gpu_check.py (plain functions returning dicts):
     gpu_correctness()  errors against the PyTorch reference (bf16/fp16, deterministic or not), bitwise
                        determinism, agreement with torch.nn.attention.varlen.varlen_attn
-    gpu_benchmarks()   packed rows of 8k and 16k tokens, documents of 128-4096 tokens, head dim 128, bf16,
+    gpu_benchmarks()   packed rows of 8k and 16k tokens, documents of 256-4096 tokens, head dim 128, bf16,
                        causal, GQA 32/8 heads: forward and backward TFLOP/s of ours, varlen_attn (FA2 in
                        PyTorch), FlexAttention with a document mask (compiled) and SDPA per document, and
                        the issue's gates: fwd >= 0.9x and bwd >= 0.8x varlen_attn, faster than Flex.
@@ -177,36 +177,47 @@ def backends(lengths, q, k, v, causal=True):
     return out
 
 
-def gpu_benchmarks(totals=(8192, 16384), heads=(32, 8), head_dim=128) -> dict:
+def gpu_benchmarks(totals=(8192, 16384), heads=(32, 8), head_dim=128, lengths_range=(256, 4096)) -> dict:
+    """Per total: forward and backward of every backend; the first call of ours tunes its block sizes
+    (kernels/autotune.py, or reads this GPU's disk cache), and `tuning` says what was chosen and why."""
+    from mftcore.kernels import autotune
+
     results = {"device": torch.cuda.get_device_name(), "heads": list(heads), "head_dim": head_dim,
-               "dtype": "bfloat16", "causal": True, "shapes": []}
+               "dtype": "bfloat16", "causal": True, "documents": list(lengths_range), "shapes": []}
+    autotune.reset()  # the records of this call only
     for total in totals:
-        lengths = packed_lengths(total, 128, 4096, seed=total)
-        q, k, v, do = random_inputs(lengths, heads, head_dim, torch.bfloat16, "cuda")
-        flops = {m: attention_flops(lengths, heads[0], head_dim, True, m) for m in ("fwd", "bwd")}
-        row = {"total_tokens": total, "documents": len(lengths), "max_len": max(lengths), "backends": {}}
-        for name, fn in backends(lengths, q, k, v).items():
-            try:
-                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-                fwd = time_ms(lambda: fn(q, k, v))
-                both = time_ms(lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), do))
-                bwd = both - fwd
-                row["backends"][name] = {"fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flops["fwd"] / fwd / 1e9,
-                                         "bwd_tflops": flops["bwd"] / bwd / 1e9}
-            except Exception as e:  # noqa: BLE001 - one missing baseline must not hide the others
-                row["backends"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        ours, fa2, flex = (row["backends"].get(n, {}) for n in ("mftcore", "varlen_attn", "flex"))
-        if "fwd_ms" in ours and "fwd_ms" in fa2:
-            row["fwd_vs_varlen_attn"] = fa2["fwd_ms"] / ours["fwd_ms"]
-            row["bwd_vs_varlen_attn"] = fa2["bwd_ms"] / ours["bwd_ms"]
-            row["gate_fwd_0.9x"] = row["fwd_vs_varlen_attn"] >= 0.9
-            row["gate_bwd_0.8x"] = row["bwd_vs_varlen_attn"] >= 0.8
-        if "fwd_ms" in ours and "fwd_ms" in flex:
-            row["gate_faster_than_flex"] = ours["fwd_ms"] < flex["fwd_ms"] and ours["bwd_ms"] < flex["bwd_ms"]
-        results["shapes"].append(row)
-        del q, k, v, do
-        torch.cuda.empty_cache()
+        results["shapes"].append(gpu_shape(total, heads, head_dim, lengths_range))
+        torch.cuda.empty_cache()  # the shape's inputs are gone with gpu_shape's frame
+    results["tuning"] = [{"op": r.op, "key": r.key, "choice": r.choice, "why": r.describe(),
+                          "timings_ms": r.timings_ms} for r in autotune.records()]
     return results
+
+
+def gpu_shape(total, heads, head_dim, lengths_range) -> dict:
+    lengths = packed_lengths(total, *lengths_range, seed=total)
+    q, k, v, do = random_inputs(lengths, heads, head_dim, torch.bfloat16, "cuda")
+    flops = {m: attention_flops(lengths, heads[0], head_dim, True, m) for m in ("fwd", "bwd")}
+    row = {"total_tokens": total, "documents": len(lengths), "max_len": max(lengths), "backends": {}}
+    for name, fn in backends(lengths, q, k, v).items():
+        try:
+            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+            torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), do)  # untimed: compiles, and tunes ours
+            fwd = time_ms(lambda: fn(q, k, v))
+            both = time_ms(lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), do))
+            bwd = both - fwd
+            row["backends"][name] = {"fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flops["fwd"] / fwd / 1e9,
+                                     "bwd_tflops": flops["bwd"] / bwd / 1e9}
+        except Exception as e:  # noqa: BLE001 - one missing baseline must not hide the others
+            row["backends"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    ours, fa2, flex = (row["backends"].get(n, {}) for n in ("mftcore", "varlen_attn", "flex"))
+    if "fwd_ms" in ours and "fwd_ms" in fa2:
+        row["fwd_vs_varlen_attn"] = fa2["fwd_ms"] / ours["fwd_ms"]
+        row["bwd_vs_varlen_attn"] = fa2["bwd_ms"] / ours["bwd_ms"]
+        row["gate_fwd_0.9x"] = row["fwd_vs_varlen_attn"] >= 0.9
+        row["gate_bwd_0.8x"] = row["bwd_vs_varlen_attn"] >= 0.8
+    if "fwd_ms" in ours and "fwd_ms" in flex:
+        row["gate_faster_than_flex"] = ours["fwd_ms"] < flex["fwd_ms"] and ours["bwd_ms"] < flex["bwd_ms"]
+    return row
 
 
 # -------------------------------------------------------------------------------------------- CPU
@@ -256,8 +267,9 @@ def check_gates(result: dict) -> None:
 
 def table(result: dict) -> str:
     if "shapes" in result:
-        return "\n".join(["varlen attention, bf16, causal, GQA 32/8 heads, head dim 128",
-                          common.format_table(result["shapes"])])
+        lines = ["varlen attention, bf16, causal, GQA 32/8 heads, head dim 128", common.format_table(result["shapes"]),
+                 "chosen block sizes (kernels/autotune.py):"]
+        return "\n".join(lines + ([f"  {t['why']}" for t in result.get("tuning", [])] or ["  nothing tuned"]))
     return "\n".join(["varlen attention reference (SDPA per document) vs one SDPA call with a dense mask, CPU fp32, "
                       "one thread", common.format_table(result["rows"])])
 

@@ -98,8 +98,8 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, task_ids=None, 
 def chunk_logits_grad_torch(hidden, weight, bias, labels, row_scale, want_grad: bool):
     """One token chunk on the CPU path: ce [C] fp32 and, if wanted, the logits gradient
     row_scale * (softmax - onehot) [C, V] in hidden's dtype. Works in place on one [C, V] fp32 buffer.
-    Rows whose label is not in [0, V) get a garbage ce; the caller masks them (their row_scale is 0).
-    """
+    Rows whose label is not in [0, V) get a meaningless ce: the caller drops it (ignored tokens, row_scale
+    0) or makes it NaN (a valid token's label out of range: cross_entropy.out_of_range)."""
     logits = F.linear(hidden, weight, bias).float()
     safe = labels.clamp(0, logits.shape[1] - 1).unsqueeze(1)
     target = logits.gather(1, safe).squeeze(1)

@@ -37,3 +37,29 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen=None, *, causal=T
             ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
         outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=softmax_scale).transpose(0, 1))
     return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+
+def varlen_attention_reference_backward(do, q, k, v, cu_seqlens, max_seqlen=None, *, causal=True, softmax_scale=None):
+    """dq, dk, dv of varlen_attention_reference by the softmax-backward formulas per segment (fp32, or fp64
+    for fp64 inputs): the backward of the reference path inside the custom op, where autograd is off.
+    dS = P * (dP - rowsum(dP * P)); dQ = dS K s, dK = dS^T Q s, dV = P^T dO; GQA sums over each group."""
+    bounds = check_segments(cu_seqlens, q.shape[0], max_seqlen)
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    group, scale = Hq // Hkv, D ** -0.5 if softmax_scale is None else softmax_scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
+        qi, ki, vi, doi = (x[a:b].transpose(0, 1).to(acc) for x in (q, k, v, do))  # [H, L, D]
+        ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
+        s = qi @ ki.transpose(1, 2) * scale
+        if causal:
+            s = s.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        p = s.softmax(-1)
+        dp = doi @ vi.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq[a:b] = (ds @ ki * scale).transpose(0, 1)
+        dk[a:b] = (ds.transpose(1, 2) @ qi * scale).view(Hkv, group, b - a, D).sum(1).transpose(0, 1)
+        dv[a:b] = (p.transpose(1, 2) @ doi).view(Hkv, group, b - a, D).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,4 +1,4 @@
-"""`mftcore train | prepare | merge | generate | export | bench`. User mistakes print one line and exit 2;
+"""`mftcore train | prepare | merge | generate | eval | export | bench`. User mistakes print one line and exit 2;
 --debug shows the traceback.
 
 This module only parses arguments and dispatches; the work lives in train.py and mftcore/commands/.
@@ -67,6 +67,33 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the model")
 
 
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="pass@k of a model on a HumanEval- or MBPP-format benchmark, in a sandbox",
+                       description="mftcore eval MODEL --benchmark FILE|hf:NAME[:CONFIG]: generates n completions "
+                                   "per problem, runs each with its tests in the sandbox and prints pass@k.")
+    p.add_argument("model", help="a model directory, e.g. OUTPUT_DIR/final or a merged model")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter to apply to the model")
+    p.add_argument("--benchmark", required=True, help="a JSONL file, or hf:NAME[:CONFIG] (a Hugging Face dataset)")
+    p.add_argument("--split", default=None, help="the split of a Hugging Face dataset (default: test)")
+    p.add_argument("--name", default=None, help="the benchmark's name in the table (default: from the file)")
+    p.add_argument("--output", default=None, help="results JSONL, one line per problem (default: NAME.results.jsonl)")
+    p.add_argument("--prompt_format", default=None, choices=["training", "raw"],
+                   help="training: the model's training format (default); raw: the code prompt (completion models)")
+    p.add_argument("--n", type=int, default=None, help="samples per problem (default 1: greedy)")
+    p.add_argument("--k", type=int, nargs="+", default=None, help="the k of pass@k (default 1; each <= n)")
+    p.add_argument("--temperature", type=float, default=None, help="default: 0 for n=1, else 0.8")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling (default 0.95)")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="longest completion (default 512)")
+    p.add_argument("--batch_size", type=int, default=None, help="prompts per generation batch (default 8)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--tag", default=None, help="task tag of problems that have none")
+    p.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per completion (default 10)")
+    p.add_argument("--memory_mb", type=int, default=None, help="address space per completion (default 1024)")
+    p.add_argument("--workers", type=int, default=None, help="completions run at once (default: the CPU count)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 1234)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the model")
+
+
 def add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="turn a checkpoint (of any engine) into one HF model or PEFT adapter directory",
                        description="mftcore export CHECKPOINT OUT: rebuilds the model from the checkpoint's "
@@ -100,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     add_merge_parser(sub)
     add_generate_parser(sub)
+    add_eval_parser(sub)
     add_export_parser(sub)
     add_bench_parser(sub)
     return parser
@@ -148,6 +176,14 @@ def run(args) -> int:
         answer(args.model, args.adapter, prompt=args.prompt, system=args.system, file=args.file,
                output=args.output, sampling=sampling, batch_size=args.batch_size,
                trust_remote_code=args.trust_remote_code)
+    elif args.command == "eval":
+        from mftcore.commands.eval import evaluate_model
+
+        options = {k: getattr(args, k) for k in ("split", "prompt_format", "n", "k", "temperature", "top_p",
+                                                 "max_new_tokens", "batch_size", "limit", "tag", "timeout",
+                                                 "memory_mb", "workers", "seed")}
+        evaluate_model(args.model, args.benchmark, adapter=args.adapter, name=args.name, output=args.output,
+                       trust_remote_code=args.trust_remote_code, **options)
     elif args.command == "export":
         from mftcore.commands.export import export_checkpoint
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 from mftcore import mftcoder
 from mftcore.data.render import DEFAULT_ROLE_MARKERS
+from mftcore.data.sources import task_spec
 from mftcore.errors import ConfigError
 from mftcore.io import JsonProblem, parse_json, read_json_object
 from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
@@ -28,8 +29,8 @@ from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
 @dataclass
 class TrainConfig:
     # --- data ---
-    data_paths: Optional[list[str]] = None
-    """Task directories, one task each: a JSON list, or MFTCoder's "[a,b]" string."""
+    data_paths: Optional[list[Union[str, dict]]] = None
+    """Tasks, one per entry (a JSON list, or MFTCoder's "[a,b]" string): a directory or file of .jsonl/.json/.parquet/.arrow/.csv, a save_to_disk directory, a Hub dataset name, or {"path", "split", "subset", "columns"}."""
     output_dir: str = "output"
     """Where checkpoints, the final model and metrics.jsonl go."""
     tb_dir: Optional[str] = None
@@ -54,6 +55,18 @@ class TrainConfig:
     """mftcore: where `prepare` keeps the tokenized data (default: mftcore_cache next to output_dir)."""
     tokenize_workers: int = 0
     """mftcore: processes that tokenize the data (0: one per CPU, at most 8)."""
+    chat_template: Optional[str] = None
+    """mftcore: null or "mftcoder": MFTCoder's training string (role_markers); "model": the tokenizer's own chat template, trained on assistant turns and their end-of-turn tokens."""
+    data_weights: Optional[list[float]] = None
+    """Per-task sampling proportions in data_paths order (a list or "[1,2]" string): task t is drawn with p_t = w_t / sum(w), times n_t^(1/T) with sampling_temperature; null = every sample once per epoch."""
+    sampling_temperature: Optional[float] = None
+    """mftcore: draw task t with p_t proportional to n_t^(1/T) (n_t: its training samples; 1 = natural, larger = flatter); an epoch is as many draws as training samples."""
+    fim_rate: Union[float, list[float]] = 0.0
+    """mftcore: fraction of plain-code (`text`) samples turned into fill-in-the-middle, one number or a list per task."""
+    fim_spm_rate: Union[float, list[float]] = 0.0
+    """mftcore: fraction of the FIM samples in SPM order (suffix first) instead of PSM, one number or a list per task."""
+    fim_tokens: Optional[list[str]] = None
+    """mftcore: the tokenizer's FIM tokens [prefix, suffix, middle] (null: the model family's, or known spellings in the vocabulary)."""
 
     # --- model ---
     pretrained_model_path: Optional[str] = None
@@ -124,6 +137,8 @@ class TrainConfig:
     """mftcore: steps with a non-finite loss or gradient are skipped; more than this many in a row stop the run."""
     peak_tflops: Optional[float] = None
     """mftcore: the accelerator's peak TFLOP/s for the MFU estimate (null: looked up for known GPUs in bf16/fp16)."""
+    torch_compile: bool = False
+    """mftcore: torch.compile each decoder layer and the loss (the kernels are custom ops: no graph breaks); the first steps compile."""
 
     # --- optimisation ---
     num_train_epochs: int = 4
@@ -174,6 +189,12 @@ class TrainConfig:
     """Also save a checkpoint at the end of every epoch."""
     init_timeout_seconds: Optional[int] = 3600
     """Timeout of the process-group set-up in multi-process runs, in seconds (null: torch's default)."""
+
+    # --- code evaluation during training (mftcore/codeeval/; entries checked when training starts) ---
+    eval_benchmarks: Optional[list] = None
+    """mftcore: code benchmarks to run during training, [{name, file, k, n, max_new_tokens, every_steps, ...}] (every field: mftcore/codeeval/spec.py); pass@k per benchmark and task tag is logged."""
+    metric_for_best: Optional[str] = None
+    """mftcore: what picks the best checkpoint and drives early stopping: null or "loss" (validation loss, lower is better), or "NAME/pass@K" of an eval_benchmarks entry (higher is better)."""
 
     def __post_init__(self):
         if self.role_markers is None or isinstance(self.role_markers, dict):
@@ -227,6 +248,7 @@ class TrainConfig:
                 self.task_weights = [float(w) for w in self.task_weights]
             except (TypeError, ValueError):
                 raise ConfigError(f"{source}: task_weights: expected numbers, got {self.task_weights}") from None
+        check_data_options(self, source)
         self.split_fractions(source)
         for key, broken, message in RULES:
             if broken(self):
@@ -291,6 +313,11 @@ RANGES = {
     "selfpaced_scale_factor": lambda v: None if v >= 0 else f"must be >= 0 (an inverse temperature), got {v}",
     "tokenize_workers": lambda v: None if v <= 1024 else f"must be at most 1024, got {v}",
     "init_timeout_seconds": lambda v: None if v is None or v <= 10**9 else f"must be at most 1e9 seconds, got {v}",
+    "sampling_temperature": lambda v: None if v is None or v > 0 else f"must be > 0 or null, got {v}",
+    "fim_rate": lambda v: None if all(0 <= r <= 1 for r in (v if isinstance(v, list) else [v]))
+    else f"rates must be numbers in [0, 1], got {v!r}",
+    "fim_spm_rate": lambda v: None if all(0 <= r <= 1 for r in (v if isinstance(v, list) else [v]))
+    else f"rates must be numbers in [0, 1], got {v!r}",
 }
 
 CHOICES = {
@@ -302,6 +329,7 @@ CHOICES = {
     "peft_type": (None, "lora", "qlora"),
     # null / "auto": resolved when the model is built (mftcore/model/load.py)
     "attn_implementation": (None, "auto", "eager", "sdpa", "flash_attention_2", "mftcore_varlen"),
+    "chat_template": (None, "mftcoder", "model"),
 }
 
 ROLE_KEYS = ("system", "user", "assistant")
@@ -344,7 +372,40 @@ RULES = [
      lambda c: f"model_type must be a string such as \"llama\", got {c.model_config.get('model_type')!r}"),
     ("target_modules", lambda c: c.target_modules == [] or c.target_modules == "",
      lambda c: "must name at least one module, or be null / \"all-linear\""),
+    ("eval_benchmarks", lambda c: not all(isinstance(e, dict) for e in c.eval_benchmarks or []),
+     lambda c: "expected a list of objects {name, file, k, n, max_new_tokens, every_steps, ...}"),
+    ("metric_for_best", lambda c: c.metric_for_best not in (None, "loss") and not c.eval_benchmarks,
+     lambda c: f"{c.metric_for_best!r} names a benchmark metric, but eval_benchmarks is empty"),
 ]
+
+
+def check_data_options(cfg: TrainConfig, source: str) -> None:
+    """data_paths entries, data_weights, sampling_temperature and the FIM keys (issue 17)."""
+    n = len(cfg.data_paths or [])
+    for entry in cfg.data_paths or []:
+        task_spec(entry, f"{source}: data_paths")
+    if cfg.data_weights is not None:
+        try:
+            cfg.data_weights = [float(w) for w in cfg.data_weights]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: data_weights: expected numbers, got {cfg.data_weights}") from None
+        if len(cfg.data_weights) != n:
+            raise ConfigError(f"{source}: data_weights: {len(cfg.data_weights)} weights for {n} data_paths")
+        if any(not (w >= 0) or math.isinf(w) for w in cfg.data_weights) or sum(cfg.data_weights) <= 0:
+            raise ConfigError(f"{source}: data_weights: weights must be finite, >= 0 and not all 0")
+    t = cfg.sampling_temperature
+    if t is not None and not (t > 0 and math.isfinite(t)):
+        raise ConfigError(f"{source}: sampling_temperature: must be a finite number > 0 or null, got {t!r}")
+    for key in ("fim_rate", "fim_spm_rate"):
+        value = getattr(cfg, key)
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) != n:
+            raise ConfigError(f"{source}: {key}: {len(value)} rates for {n} data_paths")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
+            raise ConfigError(f"{source}: {key}: rates must be numbers in [0, 1], got {value!r}")
+    if cfg.fim_tokens is not None and (len(cfg.fim_tokens) != 3 or not all(cfg.fim_tokens)):
+        raise ConfigError(f"{source}: fim_tokens: expected [prefix, suffix, middle] token strings, "
+                          f"got {cfg.fim_tokens}")
 
 
 # --- types from the annotations --------------------------------------------------------------------

@@ -40,3 +40,7 @@ class Interrupted(MftcoreError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class SandboxError(MftcoreError):
+    """The code-execution sandbox cannot run here as asked (bad limits, a restriction that failed to apply)."""

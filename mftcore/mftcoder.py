@@ -26,17 +26,10 @@ TRAIN_FLAGS = {
     "distributed_type": ("distributed_type",),
 }
 
-LIST_KEYS = ("data_paths", "task_weights", "target_modules")  # may be MFTCoder's "[a,b]" strings
+LIST_KEYS = ("data_paths", "task_weights", "target_modules", "data_weights")  # may be MFTCoder's "[a,b]" strings
 
 # MFTCoder runs these from model code copied into its own repository; mftcore ships no model code.
 REMOTE_CODE_ONLY = ("aquila2", "baichuan", "chatglm2", "chatglm3", "qwen")
-
-
-def _is_one(value) -> bool:
-    try:
-        return float(value) == 1.0
-    except (TypeError, ValueError):
-        return False
 
 
 def _number(text):
@@ -54,13 +47,6 @@ def _any(value) -> Optional[str]:
     return None
 
 
-def _data_weights(value) -> Optional[str]:
-    if value is None or all(_is_one(w) for w in parse_list(value, "data_weights")):
-        return None
-    return ("per-task sampling weights are not supported (MFTCoder ignores them too); "
-            "use task_weights to weight the loss")
-
-
 # key -> check(value) -> None, or why mftcore refuses the value. Every key is dropped after its check.
 LEGACY = {
     "load_raw_dataset": _only(True, "only raw JSONL data is supported (true)"),
@@ -70,7 +56,6 @@ LEGACY = {
     "use_dynamic_padding": lambda v: None if v is True else
     "false (pad every batch to seq_length) is not supported: padding to the longest sample gives the same "
     "loss with less compute",
-    "data_weights": _data_weights,
     "model_parallel_size": _only(1, "tensor/model parallelism is not supported; only 1"),
     # "4bit" is what peft_type "qlora" does anyway; normalise() checks that the two agree.
     "quantization": lambda v: None if v in (None, "4bit") else
@@ -122,8 +107,9 @@ def normalise(raw: dict, source: str = "config") -> dict:
     for key in LIST_KEYS:
         if out.get(key) and not (key == "target_modules" and out[key] == "all-linear"):
             out[key] = parse_list(out[key], key, source)
-    if isinstance(raw.get("task_weights"), str):  # "[1,2]": the weights arrive as text
-        out["task_weights"] = [_number(w) for w in out["task_weights"]]
+    for key in ("task_weights", "data_weights"):
+        if isinstance(raw.get(key), str):  # "[1,2]": the weights arrive as text
+            out[key] = [_number(w) for w in out[key]]
     if isinstance(out.get("distributed_type"), str):
         out["distributed_type"] = out["distributed_type"].lower()
     check_model_type(out.get("model_type"), source)

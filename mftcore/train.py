@@ -25,16 +25,19 @@ from typing import Callable, Optional
 import torch
 
 from mftcore import checkpoint, parallel
+from mftcore.codeeval.training import TrainingBenchmarks, benchmark_records, check_benchmarks
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, load_tasks, report_lines
 from mftcore.data.loader import Prefetcher
+from mftcore.data.sampling import build_mixture
 from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
 from mftcore.io import remove_leftovers
 from mftcore.loss import loss_mode, step_token_scales
 from mftcore.metrics import Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb, step_flops
 from mftcore.model.build import build_model, compute_dtype
-from mftcore.model.chat_template import build_chat_template
+from mftcore.model.chat_template import set_stop_tokens, set_training_template
+from mftcore.model.compile import compiled_loss
 from mftcore.model.decoder import causal_lm
 from mftcore.model.load import check_model_config, check_vocabulary, load_tokenizer
 from mftcore.model.loss_model import LossModel
@@ -43,6 +46,7 @@ from mftcore.optim import build_optimizer, build_scheduler
 from mftcore.outputs import RunLock, check_train_paths
 from mftcore.parallel.comm import sum_numbers, sum_over_ranks
 from mftcore.parallel.engine import SKIP_REASONS
+from mftcore.parallel.tuning import run_shapes, share_kernel_tuning
 from mftcore.weighting import build_weighting
 
 
@@ -88,6 +92,9 @@ def train_loop(run: "Run") -> str:
             if cfg.evaluation_steps and run.data.valid and (step % cfg.evaluation_steps == 0
                                                             or step == run.total_steps):
                 improved = log_evaluation(run, step, run.evaluate_valid())  # evaluate
+            due = run.benchmarks.due(step, run.total_steps) if run.benchmarks is not None else []
+            if due:  # evaluate: the code benchmarks, each on its own schedule
+                improved |= log_benchmarks(run, step, run.benchmarks.evaluate(step, due))
             epoch_end = run.loader.epoch_ended(run.position)
             if should_checkpoint(cfg, step, run.total_steps, epoch_end=epoch_end, improved=improved,
                                  stopping=bool(stopping) or state.early_stopped or run.diverged):
@@ -155,6 +162,8 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     skips: list = field(default_factory=list)  # [step, reason] of every update skipped for a non-finite value
     evaluations: list = field(default_factory=list)  # [step, validation loss] of every evaluation
+    best_metric: Optional[float] = None  # the best value of a benchmark metric_for_best (then it sets best_step)
+    benchmark_evaluations: list = field(default_factory=list)  # [step, name, {pass@k: value}] of eval_benchmarks
 
 
 @dataclass
@@ -182,6 +191,7 @@ class Run:
     state: TrainerState = field(default_factory=TrainerState)
     position: dict = field(default_factory=dict)  # the loader position after the last step run
     diverged: bool = False  # more than max_consecutive_nonfinite skipped updates in a row
+    benchmarks: Optional[TrainingBenchmarks] = None  # eval_benchmarks (mftcore/codeeval/training.py)
 
     def upload_weights(self) -> None:
         """The dynamic weights to the device, once per change (a host-to-device copy waits for the GPU)."""
@@ -192,6 +202,7 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     """Tokenizer, data, model, engine, optimizer, schedule, loader, weighting and metrics; resumed from
     the checkpoint resolve_resume picks, if any."""
     device = env.device
+    check_benchmarks(cfg)  # their config errors before anything loads
     torch.manual_seed(cfg.seed)
     resume_from = checkpoint.resolve_resume(cfg, env.rank)
     if env.rank == 0:
@@ -219,11 +230,15 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     n_params = sum(p.numel() for p in model.parameters())  # before sharding, which hides sizes from ZeRO-3
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flop_params, attn = matmul_params(lm), attention_width(lm)
-    engine = parallel.wrap(LossModel(model, K), cfg, env, dtype=dtype, scaler=scaler, moe=moe,
+    shapes = run_shapes(cfg, lm, dtype)  # before wrapping: an engine may shard the LM head
+    loss_model = LossModel(model, K, compiled_loss()) if cfg.torch_compile else LossModel(model, K)
+    engine = parallel.wrap(loss_model, cfg, env, dtype=dtype, scaler=scaler, moe=moe,
                            make_optimizer=functools.partial(build_optimizer, cfg=cfg))
+    share_kernel_tuning(env, shapes)  # many ranks: rank 0 times the kernels' candidates for all
     loader = StepLoader(data.train, batch_size=cfg.per_device_train_batch_size,
                         accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed, rank=env.rank,
-                        world_size=env.world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length)
+                        world_size=env.world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length,
+                        mixture=build_mixture(cfg, data.train, K))
     saved_state = checkpoint.read_state(resume_from) if resume_from else None
     if saved_state is not None:  # the position first: a resume with another step size plans its own steps
         checkpoint.check_same_model(resume_from, cfg.to_dict())
@@ -241,6 +256,8 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
               weights=None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device),
               flop_params=flop_params, attn=attn, peak=peak_flops(device, dtype, cfg.peak_tflops), pad_id=pad_id,
               position=loader.state_dict())
+    if cfg.eval_benchmarks:
+        run.benchmarks = TrainingBenchmarks(cfg, tokenizer, engine, env, autocast)
     saved = resume(run, resume_from) if resume_from else None
     if weighting is not None:
         run.upload_weights()
@@ -349,7 +366,10 @@ def log_evaluation(run: Run, step: int, result) -> bool:
     vloss = result.combined_loss(cfg.task_weights)
     state.evaluations.append([step, vloss])
     improved = state.best_loss is None or vloss < state.best_loss
-    if improved:
+    if run.benchmarks is not None and run.benchmarks.metric is not None:  # a benchmark metric decides instead
+        state.best_loss = vloss if improved else state.best_loss
+        improved = False
+    elif improved:
         state.best_loss, state.best_step, state.stall = vloss, step, 0
     else:
         state.stall += 1
@@ -361,6 +381,30 @@ def log_evaluation(run: Run, step: int, result) -> bool:
     if state.early_stopped:
         run.metrics.print(f"early stopping at step {step}: no better validation loss in {state.stall} evaluations "
                           f"(best {state.best_loss:.4f} at step {state.best_step})")
+    return improved
+
+
+def log_benchmarks(run: Run, step: int, results: dict) -> bool:
+    """Log pass@k of each benchmark (and per task tag), record them, and when metric_for_best is one of
+    them track the best value and early stopping; True on a new best."""
+    cfg, state, metric = run.cfg, run.state, run.benchmarks.metric
+    for name, result in results.items():
+        scalars, per_tag = benchmark_records(result)
+        state.benchmark_evaluations.append([step, name, result.metrics()])
+        run.metrics.write(step, name, scalars, {}, per_tag)
+        run.metrics.print(f"step {step}: {name} " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics().items()))
+    if metric is None or metric[0] not in results:
+        return False
+    value = results[metric[0]].metrics()[metric[1]]
+    improved = state.best_metric is None or value > state.best_metric
+    if improved:
+        state.best_metric, state.best_step, state.stall = value, step, 0
+    else:
+        state.stall += 1
+        state.early_stopped = cfg.early_stopping and state.stall >= cfg.early_stopping_stall_num
+    if state.early_stopped:
+        run.metrics.print(f"early stopping at step {step}: no better {cfg.metric_for_best} in {state.stall} "
+                          f"evaluations (best {state.best_metric:.4f} at step {state.best_step})")
     return improved
 
 
@@ -402,11 +446,14 @@ def stop_if_asked(run: Run, step: int, path: str, *, stopping: bool) -> None:
 
 def finish(run: Run) -> str:
     """final/: the model with a chat template that renders the training string; the best checkpoint named."""
-    run.tokenizer.chat_template = build_chat_template(run.cfg.role_markers)
+    set_training_template(run.tokenizer, run.cfg.chat_template, run.cfg.role_markers)
+    set_stop_tokens(causal_lm(run.engine.model), run.tokenizer, run.cfg.chat_template)
     final = checkpoint.save_final(run.cfg.output_dir, run.engine, run.tokenizer, run.cfg.to_dict())
     state = run.state
     if state.best_step is not None:
-        run.metrics.print(f"best validation loss {state.best_loss:.4f} at step {state.best_step} "
+        best = (f"best {run.cfg.metric_for_best} {state.best_metric:.4f}" if state.best_metric is not None
+                else f"best validation loss {state.best_loss:.4f}")
+        run.metrics.print(f"{best} at step {state.best_step} "
                           f"({os.path.join(run.cfg.output_dir, f'checkpoint-{state.best_step}')})")
     run.metrics.print(f"saved {final}")
     run.metrics.close()

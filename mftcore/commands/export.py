@@ -22,7 +22,7 @@ from mftcore.errors import ConfigError
 from mftcore.integrity import CheckpointError
 from mftcore.io import CONFIG_FILE, STATE_FILE
 from mftcore.model.build import build_model
-from mftcore.model.chat_template import build_chat_template
+from mftcore.model.chat_template import set_training_template
 from mftcore.model.load import check_vocabulary, load_tokenizer
 from mftcore.outputs import check_output, is_model_dir
 
@@ -52,7 +52,7 @@ def export_checkpoint(path: str, out: str, trust_remote_code: bool = False) -> s
     if problem:  # checkpoint_problem said the same; kept for a checkpoint changed since
         raise CheckpointError(f"export: {path}: {problem}")
     tokenizer = load_tokenizer(cfg)
-    tokenizer.chat_template = build_chat_template(cfg.role_markers)
+    set_training_template(tokenizer, cfg.chat_template, cfg.role_markers)
     model = build_model(cfg, len(tokenizer), torch.device("cpu"))
     check_vocabulary(model, tokenizer)
     engine.load_weights(path, model, cfg.peft_type is not None)

@@ -2,8 +2,11 @@
 
 Prompts are tokenized exactly as training tokenized the same prefix (each segment on its own, EOS as
 an id after earlier answers), with the role markers saved beside the model (or the adapter) by
-`train` / `merge`. Many prompts run in batches, left-padded with EOS so every row ends where its
-answer starts; a single prompt streams to the terminal.
+`train` / `merge`. A model trained with `chat_template: "model"` is prompted through the same rendering
+as training (mftcore/data/template.py: its tokenizer's template with the generation prompt, the whole
+text tokenized at once), and generation stops at EOS or the template's end-of-turn tokens. Many
+prompts run in batches, left-padded with EOS so every row ends where its answer starts; a single
+prompt streams to the terminal.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import torch
 
 from mftcore.data.encode import parse_line, read_errors
 from mftcore.data.render import DEFAULT_ROLE_MARKERS, RenderError, render_record, tokenize_segments
+from mftcore.data.template import generation_prompt_ids, to_messages
 from mftcore.errors import ConfigError, DataError
 from mftcore.integrity import irregular_file, weights_problem
 from mftcore.io import atomic_write_text, open_regular
-from mftcore.model.chat_template import saved_role_markers
+from mftcore.model.chat_template import saved_chat_format, stop_token_ids
 from mftcore.model.load import check_vocabulary, load_hf_tokenizer
 from mftcore.outputs import check_output
 
@@ -58,6 +62,8 @@ class Generator:
     tokenizer: object
     markers: dict
     device: torch.device
+    chat_format: str = "mftcoder"  # or "model": the tokenizer's own chat template
+    stop_ids: tuple = ()  # EOS and the template's end-of-turn tokens
 
 
 def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code: bool = False) -> Generator:
@@ -98,8 +104,12 @@ def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code
         model = apply_adapter(model, adapter, model_dir)
     model.to(device).eval()
     check_vocabulary(model, tokenizer, where="--model")
-    markers, _ = saved_role_markers(adapter, model_dir)
-    return Generator(model, tokenizer, markers, device)
+    chat_format, markers, _ = saved_chat_format(adapter, model_dir)
+    try:
+        stops = tuple(stop_token_ids(tokenizer, chat_format))
+    except RenderError as e:
+        raise ConfigError(f"--model: {model_dir}: {e}") from None
+    return Generator(model, tokenizer, markers, device, chat_format, stops)
 
 
 def prompt_rounds(record: dict) -> list:
@@ -121,6 +131,8 @@ def prompt_rounds(record: dict) -> list:
 
 def prompt_ids(gen: Generator, record: dict) -> list:
     """Token ids of the prompt, as training tokenized the same text."""
+    if gen.chat_format == "model":
+        return generation_prompt_ids(gen.tokenizer, to_messages(prompt_rounds(record)))
     segments = render_record({"chat_rounds": prompt_rounds(record)}, gen.markers)
     return tokenize_segments(segments, gen.tokenizer, gen.tokenizer.eos_token_id)[0]
 
@@ -147,9 +159,12 @@ def read_prompts(path: str) -> list:
 
 
 @torch.no_grad()
-def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=None) -> list:
-    """New token ids for each prompt (one batch), left-padded with EOS; generation stops at EOS."""
+def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=None, **generate_kwargs) -> list:
+    """New token ids for each prompt (one batch), left-padded with EOS; generation stops at EOS (or an
+    end-of-turn token of the model's template). generate_kwargs go to model.generate (e.g. stop_strings with
+    tokenizer, synced_gpus)."""
     eos = gen.tokenizer.eos_token_id
+    stops = list(gen.stop_ids) or [eos]
     width = max(len(ids) for ids in id_lists)
     input_ids = torch.full((len(id_lists), width), eos, dtype=torch.long)
     mask = torch.zeros((len(id_lists), width), dtype=torch.long)
@@ -157,11 +172,13 @@ def generate_ids(gen: Generator, id_lists: list, sampling: Sampling, streamer=No
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         mask[row, width - len(ids):] = 1
     out = gen.model.generate(input_ids=input_ids.to(gen.device), attention_mask=mask.to(gen.device),
-                             max_new_tokens=sampling.max_new_tokens, eos_token_id=eos, pad_token_id=eos,
-                             streamer=streamer, **sampling.generate_kwargs())
+                             max_new_tokens=sampling.max_new_tokens,
+                             eos_token_id=stops[0] if len(stops) == 1 else stops, pad_token_id=eos,
+                             streamer=streamer, **sampling.generate_kwargs(), **generate_kwargs)
     answers = []
     for row in out[:, width:].tolist():
-        answers.append(row[:row.index(eos)] if eos in row else row)
+        end = min((row.index(s) for s in stops if s in row), default=len(row))
+        answers.append(row[:end])
     return answers
 
 

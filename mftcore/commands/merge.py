@@ -21,7 +21,7 @@ from mftcore.errors import ConfigError
 from mftcore.integrity import irregular_file, weights_problem
 from mftcore.io import CONFIG_FILE, atomic_dir, atomic_write_json, read_json_object
 from mftcore.mftcoder import check_model_type
-from mftcore.model.chat_template import build_chat_template, saved_role_markers
+from mftcore.model.chat_template import saved_chat_format, set_training_template
 from mftcore.model.families import check_model_matches, resolve_eos_token
 from mftcore.model.load import load_hf_tokenizer
 from mftcore.outputs import check_output, is_model_dir
@@ -94,7 +94,7 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     check_model_matches(model_type, config)
     tokenizer = load_merge_tokenizer(base, adapter, model_type, trust_remote_code)
-    markers, markers_from = saved_role_markers(adapter, base)
+    chat_format, markers, markers_from = saved_chat_format(adapter, base)
     problem = weights_problem(base)
     if problem:
         raise ConfigError(f"--base: {base}: {problem}")
@@ -105,7 +105,7 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
                                                      trust_remote_code=trust_remote_code)
     log(f"merging {adapter}")
     merged = apply_adapter(model, adapter, base).merge_and_unload()
-    tokenizer.chat_template = build_chat_template(markers)
+    set_training_template(tokenizer, chat_format, markers)
 
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 
 from mftcore.config import TrainConfig
-from mftcore.data import load_tasks, report_lines, show_samples
+from mftcore.data import load_tasks, report_lines
+from mftcore.data.show import show_samples
 from mftcore.model.load import load_tokenizer
 from mftcore.parallel.env import local_rank
 
@@ -17,5 +18,5 @@ def prepare(config: str, overrides: list, show: int) -> None:
     data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id, local_rank=local_rank())
     for line in report_lines(data, cfg):
         print(line, file=sys.stderr)
-    for line in show_samples(data.train.store, show, tokenizer.eos_token):
+    for line in show_samples(data.train.store, show, tokenizer):
         print(line)

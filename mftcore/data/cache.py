@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 
 from mftcore.data.encode import EncodeSpec, encode_lines, read_chunks
 from mftcore.data.files import content_digests, jsonl_files
+from mftcore.data.formats import encode_options, format_key
+from mftcore.data.sources import dataset_sources, location, task_path
 from mftcore.data.workers import EncoderProcesses
 from mftcore.errors import DataError
 from mftcore.io import atomic_dir, atomic_write_json, read_json_object, remove_abandoned, remove_dir
@@ -44,7 +46,7 @@ def task_names(paths: list) -> list:
     """Directory basenames; a basename used twice gets its position appended ("code", "code_2")."""
     names = []
     for p in paths:
-        base = os.path.basename(os.path.normpath(p)) or "task"
+        base = os.path.basename(os.path.normpath(task_path(p))) or "task"
         name, k = base, 2
         while name in names:
             name, k = f"{base}_{k}", k + 1
@@ -64,16 +66,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+def task_files(entry) -> list:
+    """A task's sources in order: JSONL file paths, or DatasetSources (mftcore/data/sources.py)."""
+    found = dataset_sources(entry)
+    return jsonl_files(task_path(entry)) if found is None else found
+
+
 def cache_key(cfg, tokenizer, eos_id: int, remember: bool = True) -> dict:
-    listed = [jsonl_files(path) for path in cfg.data_paths]
-    digests = content_digests([f for files in listed for f in files], default_cache_dir(cfg), remember)
+    listed = [task_files(entry) for entry in cfg.data_paths]
+    digests = content_digests([f for found in listed for f in found if isinstance(f, str)], default_cache_dir(cfg),
+                              remember)
     tasks = []
-    for path, found in zip(cfg.data_paths, listed):
-        files = [[os.path.relpath(f, path) if f != path else os.path.basename(f), digests[f]] for f in found]
+    for entry, found in zip(cfg.data_paths, listed):
+        path, files = task_path(entry), []
+        for f in found:
+            if not isinstance(f, str):  # a dataset: its fingerprint
+                files.append(f.key())
+                continue
+            files.append([os.path.relpath(f, path) if f != path else os.path.basename(f), digests[f]])
         tasks.append({"path": os.path.abspath(path), "files": files})
     return {"format": FORMAT, "tasks": tasks, "tokenizer": tokenizer_fingerprint(tokenizer),
             "markers": cfg.role_markers, "eos_id": int(eos_id), "seq_length": cfg.seq_length,
-            "long_sample_policy": cfg.long_sample_policy, "skip_bad_samples": cfg.skip_bad_samples}
+            "long_sample_policy": cfg.long_sample_policy, "skip_bad_samples": cfg.skip_bad_samples,
+            **format_key(encode_options(cfg, tokenizer), tokenizer)}
 
 
 def default_cache_dir(cfg) -> str:
@@ -143,12 +158,12 @@ def worker_count(cfg) -> int:
 
 
 def encoded_chunks(jobs, tokenizer, spec: EncodeSpec, workers: int):
-    """Encode (lines, first_line, tag) jobs, yielding (EncodedChunk, tag) in job order: in-process,
+    """Encode ((lines, first_line, task), tag) jobs, yielding (EncodedChunk, tag) in job order: in-process,
     or in `workers` processes (mftcore/data/workers.py) with one chunk in flight each, so that memory
     stays flat however large the files are."""
     if workers <= 1:
-        for lines, first, tag in jobs:
-            yield encode_lines(lines, first, tokenizer, spec), tag
+        for (lines, first, task), tag in jobs:
+            yield encode_lines(lines, first, tokenizer, spec, task), tag
         return
     procs = EncoderProcesses(workers, tokenizer, spec)
     try:
@@ -161,19 +176,22 @@ def encoded_chunks(jobs, tokenizer, spec: EncodeSpec, workers: int):
 
 def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> None:
     """Tokenize every task into a temporary directory, then rename it to `path`."""
-    spec = EncodeSpec(dict(cfg.role_markers), int(eos_id), cfg.seq_length, cfg.long_sample_policy)
-    files = [(t, f) for t, p in enumerate(cfg.data_paths) for f in jsonl_files(p)]
-    tasks = [{"name": n, "path": p, "samples": 0, "truncated": 0, "dropped": 0, "skipped": 0, "skip_examples": [],
-              "loss_tokens": 0, "no_loss_samples": 0, "max_id": -1, "max_id_at": None}
+    spec = EncodeSpec(dict(cfg.role_markers), int(eos_id), cfg.seq_length, cfg.long_sample_policy,
+                      **encode_options(cfg, tokenizer))
+    files = [(t, f) for t, p in enumerate(cfg.data_paths) for f in task_files(p)]
+    tasks = [{"name": n, "path": task_path(p), "samples": 0, "truncated": 0, "dropped": 0, "skipped": 0,
+              "skip_examples": [], "loss_tokens": 0, "no_loss_samples": 0, "max_id": -1, "max_id_at": None}
              for n, p in zip(task_names(cfg.data_paths), cfg.data_paths)]
-    jobs = ((lines, first, (fi, size)) for fi, (_, f) in enumerate(files) for lines, first, size in read_chunks(f))
+    jobs = (((lines, first, t), (fi, size)) for fi, (t, f) in enumerate(files)
+            for lines, first, size in (read_chunks(f) if isinstance(f, str) else f.chunks()))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_abandoned(os.path.dirname(path))
     # Several runs may build the same entry at once: the first to finish wins, the others' are dropped.
     with atomic_dir(path, replace=False, owned=True) as tmp:
         lengths, task_ids, sources = [], [], []
         # On a terminal only (tqdm's disable=None), so that logs and error output stay one line each.
-        bar = tqdm(total=sum(os.path.getsize(f) for _, f in files), unit="B", unit_scale=True, desc="tokenize",
+        total = sum(os.path.getsize(f) if isinstance(f, str) else f.nbytes for _, f in files)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize",
                    disable=None if progress else True, file=sys.stderr, dynamic_ncols=True)
         with bar, open(os.path.join(tmp, "input_ids.bin"), "wb") as f_ids, \
                 open(os.path.join(tmp, "loss_mask.bin"), "wb") as f_mask:
@@ -182,10 +200,10 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
                 task = tasks[t]
                 for line, reason in chunk.bad:
                     if not cfg.skip_bad_samples:
-                        raise DataError(f"{file}:{line}: {reason}")
+                        raise DataError(f"{location(file, line)}: {reason}")
                     task["skipped"] += 1
                     if len(task["skip_examples"]) < MAX_SKIP_EXAMPLES:
-                        task["skip_examples"].append(f"{file}:{line}: {reason}")
+                        task["skip_examples"].append(f"{location(file, line)}: {reason}")
                 chunk.ids.tofile(f_ids)
                 chunk.mask.tofile(f_mask)
                 lengths.append(chunk.lengths)
@@ -197,11 +215,11 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
                 task["loss_tokens"] += chunk.loss_tokens
                 task["no_loss_samples"] += chunk.no_loss
                 if chunk.max_id > task["max_id"]:
-                    task["max_id"], task["max_id_at"] = int(chunk.max_id), f"{file}:{chunk.max_id_line}"
+                    task["max_id"], task["max_id_at"] = int(chunk.max_id), location(file, chunk.max_id_line)
                 bar.update(nbytes)
         check_tasks(tasks, cfg)
         write_index(tmp, np.concatenate(lengths), np.concatenate(task_ids), np.concatenate(sources))
-        meta = {"format": FORMAT, "key": key, "files": [f for _, f in files], "tasks": tasks,
+        meta = {"format": FORMAT, "key": key, "files": [str(f) for _, f in files], "tasks": tasks,
                 "num_samples": int(sum(t["samples"] for t in tasks))}
         atomic_write_json(os.path.join(tmp, "meta.json"), meta)
 

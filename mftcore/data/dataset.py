@@ -9,17 +9,13 @@ touches only the samples of its own batches.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mftcore.data.cache import SampleStore, prepare_cache
-from mftcore.data.encode import parse_line
-from mftcore.data.render import render_record, render_text
-from mftcore.errors import DataError
-from mftcore.io import open_regular
+from mftcore.data.sampling import mixture_lines
 
 
 @dataclass
@@ -115,30 +111,7 @@ def report_lines(data: TaskData, cfg) -> list:
         if r.get("loss_tokens") == 0:
             lines.append(f"warning: task {name} has no loss tokens (no assistant answer within seq_length="
                          f"{cfg.seq_length}): it trains nothing")
-    return lines
-
-
-def show_samples(store: SampleStore, n: int, eos_text: str) -> list:
-    """The first n samples in data order, as JSON lines {"task", "text", "input_ids", "loss_mask"}:
-    ids and mask from the cache, the text rendered again from the sample's source line."""
-    out, wanted = [], {}
-    for i in range(min(n, len(store))):
-        file, line = store.source(i)
-        wanted.setdefault(file, {})[line] = i
-    texts = {}
-    for file, lines in wanted.items():
-        with open_regular(file, DataError, what="data file") as f:
-            for number, raw in enumerate(f, start=1):
-                if number in lines:
-                    texts[lines[number]] = render_text(render_record(parse_line(raw), store.meta["key"]["markers"]),
-                                                       eos_text)
-                if number >= max(lines):
-                    break
-    for i in range(min(n, len(store))):
-        ids, mask, task_id = store.sample(i)
-        out.append(json.dumps({"task": store.meta["tasks"][task_id]["name"], "text": texts[i],
-                               "input_ids": ids.tolist(), "loss_mask": mask.tolist()}, ensure_ascii=False))
-    return out
+    return lines + mixture_lines(cfg, data.train, data.names)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

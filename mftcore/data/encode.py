@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mftcore.data.render import RenderError, encode_texts, join_pieces, render_record
+from mftcore.data.formats import render_samples
+from mftcore.data.render import RenderError, encode_texts, join_pieces
+from mftcore.data.template import TemplateText, tokenize_template_texts
 from mftcore.errors import DataError
 from mftcore.io import JsonProblem, open_regular, parse_json
 
@@ -27,6 +29,11 @@ class EncodeSpec:
     eos_id: int
     seq_length: int
     long_sample_policy: str = "truncate"
+    # issue 17 (mftcore/data/formats.py): None/"mftcoder" or "model"; per-task TaskFormat; FIM tokens and seed
+    template: str | None = None
+    tasks: tuple = ()
+    fim_tokens: object = None
+    seed: int = 0
 
 
 @dataclass
@@ -54,23 +61,31 @@ def parse_line(raw: bytes):
         raise RenderError(e.reason) from None
 
 
-def encode_lines(lines: list, first_line: int, tokenizer, spec: EncodeSpec) -> EncodedChunk:
-    """Encode raw lines numbered first_line, first_line+1, ...; blank lines are ignored."""
+def encode_lines(lines, first_line: int, tokenizer, spec: EncodeSpec, task: int = 0) -> EncodedChunk:
+    """Encode raw lines numbered first_line, first_line+1, ...; blank lines are ignored. `lines` may also
+    be a dataset's RowSlice (mftcore/data/sources.py), whose rows are records already, numbered from first_line."""
+    if hasattr(lines, "read"):
+        lines = lines.read()
     rendered, bad = [], []
     for k, raw in enumerate(lines):
-        if not raw.strip():
+        if isinstance(raw, bytes) and not raw.strip():
             continue
         try:
-            rendered.append((first_line + k, render_record(parse_line(raw), spec.markers)))
+            record = parse_line(raw) if isinstance(raw, bytes) else raw
+            rendered += [(first_line + k, s) for s in render_samples(record, spec, tokenizer, task, first_line + k)]
         except RenderError as e:
             bad.append((first_line + k, str(e)))
-    texts = [seg.text for _, segments in rendered for seg in segments]
+    texts = [seg.text for _, segments in rendered if not isinstance(segments, TemplateText) for seg in segments]
     pieces = iter(encode_texts(tokenizer, texts))
+    whole = iter(tokenize_template_texts(tokenizer, [s for _, s in rendered if isinstance(s, TemplateText)]))
     ids, mask, lengths, kept_lines = [], [], [], []
     truncated = dropped = loss_tokens = no_loss = 0
     max_id, max_id_line = -1, 0
     for line, segments in rendered:
-        s_ids, s_mask = join_pieces(segments, [next(pieces) for _ in segments], spec.eos_id)
+        if isinstance(segments, TemplateText):
+            s_ids, s_mask = next(whole)
+        else:
+            s_ids, s_mask = join_pieces(segments, [next(pieces) for _ in segments], spec.eos_id)
         if len(s_ids) > spec.seq_length:
             if spec.long_sample_policy == "drop":
                 dropped += 1

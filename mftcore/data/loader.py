@@ -7,12 +7,15 @@ rows are cut into global micro-batches. Either way each rank takes its slice of 
 micro-batch, so every sample is used exactly once per epoch across ranks, and a sample keeps its
 own task id wherever it lands; a rank whose slice of the last one is empty gets a placeholder batch
 without loss tokens, so that all ranks run the same micro-batches in every step. A step is
-`gradient_accumulation_steps` micro-batches and never spans two epochs. The position (epoch, units
-of the epoch consumed: samples, or packed rows) is the whole state: `state_dict()` /
-`load_state_dict()` continue from exactly the next unit. Resumed with another batch size,
-accumulation or number of ranks, the epoch continues from that unit in the new step size: no sample
-is skipped or repeated. Where no exact continuation exists (mid-epoch, with packing on another
-number of ranks, whose rows differ, or with other data), load_state_dict refuses in one line.
+`gradient_accumulation_steps` micro-batches and never spans two epochs. With per-task sampling
+(`mixture`, mftcore/data/sampling.py) an epoch's order is its seeded draws instead of a permutation, a
+function of (seed, epoch) too; packed, the number of rows (so of steps) then varies from epoch to epoch,
+which `steps_per_epoch(epoch)` counts. The position (epoch, units of the epoch consumed: samples or
+draws, or packed rows) is the whole state: `state_dict()` / `load_state_dict()` continue from exactly
+the next unit. Resumed with another batch size, accumulation or number of ranks, the epoch continues
+from that unit in the new step size: no sample is skipped or repeated. Where no exact continuation
+exists (mid-epoch, with packing on another number of ranks, whose rows differ, or with other data),
+load_state_dict refuses in one line.
 
 `Prefetcher` runs `StepLoader.steps()` one step ahead in a background thread, so that collating the
 next step's batches (and pinning them, on a GPU) overlaps the current step; each Step carries the
@@ -77,10 +80,13 @@ class Step:
 
 class StepLoader:
     def __init__(self, samples, *, batch_size: int, accumulation: int, pad_id: int, seed: int,
-                 rank: int = 0, world_size: int = 1, pack: bool = False, seq_length: int | None = None):
+                 rank: int = 0, world_size: int = 1, pack: bool = False, seq_length: int | None = None,
+                 mixture=None):
         self.samples, self.batch_size, self.accumulation = samples, batch_size, accumulation
         self.pad_id, self.seed, self.rank, self.world_size = pad_id, seed, rank, world_size
         self.pack, self.seq_length = pack, seq_length
+        self.mixture = mixture  # mftcore/data/sampling.py: per-task draws of each epoch; None: each sample once
+        self.rows_per_epoch = {}
         self.epoch, self.step_in_epoch, self.consumed = 0, 0, 0
         if not len(samples):  # an epoch without a step would loop forever looking for the next one
             raise DataError("data_split: no training samples: every task's samples went to validation or test")
@@ -93,35 +99,54 @@ class StepLoader:
             self.num_rows = len(pack_epoch(self.lengths, np.arange(len(self.lengths)), seq_length, seed, 0,
                                            world_size))
 
+    def epoch_units(self, epoch: int) -> int:
+        """Samples or draws (padding) or packed rows (pack) in `epoch`: the same for every epoch, except
+        packed rows of a mixture's varying draws."""
+        if self.mixture is not None:
+            return self.mixture_rows(epoch) if self.pack else len(self.mixture)
+        return self.num_rows if self.pack else len(self.samples)
+
     @property
     def units(self) -> int:
-        """Samples (padding) or packed rows (pack) in one epoch."""
-        return self.num_rows if self.pack else len(self.samples)
+        """Units of the current epoch."""
+        return self.epoch_units(self.epoch)
 
     @property
     def units_per_step(self) -> int:
         return self.batch_size * self.world_size * self.accumulation
 
-    def steps_per_epoch(self) -> int:
-        return self.steps_left(0)
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        return self.steps_left(0, epoch)
 
-    def steps_left(self, consumed: int) -> int:
-        """Steps from `consumed` units to the end of an epoch."""
-        groups = math.ceil(max(self.units - consumed, 0) / (self.batch_size * self.world_size))
+    def steps_left(self, consumed: int, epoch: int | None = None) -> int:
+        """Steps from `consumed` units to the end of `epoch` (default: the current one)."""
+        units = self.units if epoch is None else self.epoch_units(epoch)
+        groups = math.ceil(max(units - consumed, 0) / (self.batch_size * self.world_size))
         return math.ceil(groups / self.accumulation)
 
     def remaining_steps(self, epochs: int) -> int:
         """Steps from the current position to the end of epoch `epochs` - 1."""
         if self.epoch >= epochs:
             return 0
-        return self.steps_left(self.consumed) + (epochs - self.epoch - 1) * self.steps_per_epoch()
+        return self.steps_left(self.consumed) + sum(self.steps_per_epoch(e) for e in range(self.epoch + 1, epochs))
 
     def epoch_ended(self, position: dict) -> bool:
-        return position.get("consumed", 0) >= self.units
+        return position.get("consumed", 0) >= self.epoch_units(position.get("epoch", self.epoch))
+
+    def mixture_rows(self, epoch: int) -> int:
+        if epoch not in self.rows_per_epoch:
+            self.rows_per_epoch[epoch] = len(pack_epoch(self.lengths, self.mixture.epoch(epoch), self.seq_length,
+                                                        self.seed, epoch, self.world_size))
+        return self.rows_per_epoch[epoch]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self.mixture is not None:
+            return self.mixture.epoch(epoch)
+        return epoch_order(len(self.samples), self.seed, epoch)
 
     def _epoch_units(self, epoch: int) -> list:
         """The epoch's order of sample indices (padding) or its packed rows (pack)."""
-        order = epoch_order(len(self.samples), self.seed, epoch)
+        order = self._epoch_order(epoch)
         if not self.pack:
             return order
         return pack_epoch(self.lengths, order, self.seq_length, self.seed, epoch, self.world_size)
@@ -168,17 +193,18 @@ class StepLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue after `state`; a checkpoint from before "consumed" was saved counts in this run's step size."""
         epoch, step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        consumed = int(state.get("consumed", min(step_in_epoch * self.units_per_step, self.units)))
-        mid_epoch = 0 < consumed < int(state.get("units", self.units))
+        units = self.epoch_units(epoch)
+        consumed = int(state.get("consumed", min(step_in_epoch * self.units_per_step, units)))
+        mid_epoch = 0 < consumed < int(state.get("units", units))
         if mid_epoch and self.pack and state.get("world_size", self.world_size) != self.world_size:
             raise ConfigError(f"resume_from_checkpoint: the checkpoint stopped mid-epoch with packed rows split for "
                               f"{state['world_size']} ranks; this run's {self.world_size} would pack the epoch "
                               f"into other rows: resume on {state['world_size']} ranks, or from a checkpoint at "
                               "the end of an epoch")
-        if mid_epoch and state.get("units", self.units) != self.units:
+        if mid_epoch and state.get("units", units) != units:
             what = "packed rows" if self.pack else "training samples"
             raise ConfigError(f"resume_from_checkpoint: the checkpoint stopped mid-epoch after {consumed} of its "
-                              f"{state['units']} {what}, this run has {self.units} (other data, data_split, "
+                              f"{state['units']} {what}, this run has {units} (other data, data_split, "
                               f"seq_length or packing): no exact continuation; resume with the same data, or from "
                               f"a checkpoint at the end of an epoch")
         self.epoch, self.step_in_epoch, self.consumed = epoch, step_in_epoch, consumed

@@ -32,6 +32,7 @@ class Segment:
     text: str
     trainable: bool
     eos: bool = False
+    token: int | None = None  # the segment is this one token id (a FIM token), `text` only its spelling
 
 
 def fmt(content: str) -> str:
@@ -159,6 +160,8 @@ def plain_fast_tokenizer(tokenizer) -> bool:
 def join_pieces(segments: list[Segment], pieces: list[list[int]], eos_id: int) -> tuple[list[int], list[int]]:
     ids, mask = [], []
     for seg, piece in zip(segments, pieces):
+        if seg.token is not None:
+            piece = [seg.token]
         if seg.eos:
             piece = piece + [eos_id]
         ids.extend(piece)

@@ -22,8 +22,8 @@ from mftcore.errors import DataError
 
 
 def serve(conn, tokenizer, spec: EncodeSpec) -> None:
-    """A worker's life: (lines, first_line) jobs in, ("ok", chunk) or ("error", exception) out, until None
-    or the parent's end of the pipe closes."""
+    """A worker's life: (lines, first_line, task) jobs in, ("ok", chunk) or ("error", exception) out, until
+    None or the parent's end of the pipe closes."""
     init_worker(tokenizer, spec)
     while True:
         try:
@@ -33,7 +33,8 @@ def serve(conn, tokenizer, spec: EncodeSpec) -> None:
         if job is None:
             return
         try:
-            reply = ("ok", encode_lines(job[0], job[1], tokenizer, spec))
+            lines, first_line, *task = job
+            reply = ("ok", encode_lines(lines, first_line, tokenizer, spec, *task))
         except Exception as e:  # an error of ours, re-raised in the parent as Pool did
             reply = ("error", e)
         try:
@@ -43,8 +44,8 @@ def serve(conn, tokenizer, spec: EncodeSpec) -> None:
 
 
 class EncoderProcesses:
-    """`n` forked workers; `map_ordered(jobs)` yields (chunk, tag) in job order; `close()` on success,
-    `kill()` on anything else."""
+    """`n` forked workers; `map_ordered(jobs)` takes ((lines, first_line, task), tag) jobs and yields
+    (chunk, tag) in job order; `close()` on success, `kill()` on anything else."""
 
     def __init__(self, n: int, tokenizer, spec: EncodeSpec):
         methods = multiprocessing.get_all_start_methods()
@@ -80,12 +81,12 @@ class EncoderProcesses:
 
     def map_ordered(self, jobs):
         n, pending = len(self.conns), deque()  # (worker, tag) of the jobs in flight, oldest first
-        for k, (lines, first, tag) in enumerate(jobs):
+        for k, (job, tag) in enumerate(jobs):
             w = k % n
             if len(pending) == n:  # every worker busy: the oldest (worker w) answers first
                 done_w, done_tag = pending.popleft()
                 yield self.receive(done_w), done_tag
-            self.conns[w].send((lines, first))
+            self.conns[w].send(job)
             pending.append((w, tag))
         while pending:
             done_w, done_tag = pending.popleft()

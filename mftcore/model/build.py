@@ -3,6 +3,7 @@ activation checkpointing. Functions applied to an untouched model, in order, by 
 
     load (fp32, or the half dtype for a frozen LoRA base, or nf4 for QLoRA)
     -> prepare for k-bit training (QLoRA) -> add LoRA adapters -> activation checkpointing
+    -> torch.compile of each decoder layer (torch_compile)
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from mftcore.errors import ConfigError
+from mftcore.model.compile import compile_layers
 from mftcore.model.decoder import causal_lm
 from mftcore.model.load import load_model
 from mftcore.model.lora import add_adapters
@@ -72,5 +74,7 @@ def build_model(cfg, vocab_size: int, device: torch.device, *, place: bool = Tru
     if cfg.peft_type is not None:
         model = add_adapters(model, cfg)
     set_activation_checkpointing(model, cfg.gradient_checkpointing)
+    if cfg.torch_compile:
+        compile_layers(model)
     model.train()
     return model

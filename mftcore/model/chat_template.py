@@ -67,3 +67,43 @@ def saved_role_markers(*dirs) -> tuple[dict, str | None]:
         if path and os.path.isfile(path):
             return {**DEFAULT_ROLE_MARKERS, **(read_json_object(path).get("role_markers") or {})}, path
     return dict(DEFAULT_ROLE_MARKERS), None
+
+
+# --- chat_template "model": the tokenizer's own template (mftcore/data/template.py renders with it) ---
+
+def saved_chat_format(*dirs) -> tuple[str, dict, str | None]:
+    """(chat_template, role markers, the config file read) of a trained or merged model: "model" when it
+    was trained in the tokenizer's own template, else "mftcoder" with its role markers."""
+    markers, path = saved_role_markers(*dirs)
+    fmt = (read_json_object(path).get("chat_template") if path else None) or "mftcoder"
+    return fmt, markers, path
+
+
+def set_training_template(tokenizer, chat_format: str | None, markers: dict) -> None:
+    """The template saved with a model renders what it was trained on: MFTCoder's string from its role
+    markers, or (chat_template "model") the tokenizer's own, left as it is."""
+    if chat_format != "model":
+        tokenizer.chat_template = build_chat_template(markers)
+
+
+def stop_token_ids(tokenizer, chat_format: str | None) -> list:
+    """EOS, and with the model's own template its end-of-turn tokens (e.g. <|im_end|>, <|eot_id|>)."""
+    ids = [tokenizer.eos_token_id]
+    if chat_format == "model":
+        from mftcore.data.template import ChatTemplate
+
+        for token in ChatTemplate(tokenizer).end_of_turn_tokens():
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+    return ids
+
+
+def set_stop_tokens(model, tokenizer, chat_format: str | None) -> None:
+    """generation_config.eos_token_id of the saved model: plain `model.generate` stops where training ended
+    each turn (the tokenizer's EOS, and the template's end-of-turn ids; transformers reads a list). A model
+    built from a config alone would otherwise keep its architecture's default id."""
+    config = getattr(model, "generation_config", None)
+    ids = stop_token_ids(tokenizer, chat_format)
+    if config is not None:
+        config.eos_token_id = ids if len(ids) > 1 else ids[0]

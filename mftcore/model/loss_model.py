@@ -32,17 +32,18 @@ class LossOutput(NamedTuple):
     task_correct: Optional[torch.Tensor] = None  # [K] tokens whose argmax is the label (with_accuracy)
 
 
-def head_loss(model, hidden, batch, num_tasks: int, **loss_kwargs):
-    """Fused linear + cross-entropy of final hidden states [B, L, H] against the LM head."""
+def head_loss(model, hidden, batch, num_tasks: int, loss_fn=fused_linear_cross_entropy, **loss_kwargs):
+    """Fused linear + cross-entropy of final hidden states [B, L, H] against the LM head (loss_fn: the
+    fused op, or its compiled form, mftcore/model/compile.py)."""
     head = lm_head(model)
-    return fused_linear_cross_entropy(
+    return loss_fn(
         hidden.flatten(0, 1), head.weight, batch.labels.flatten(), batch.task_ids.flatten(),
         bias=head.bias, num_tasks=num_tasks, **loss_kwargs)
 
 
-def batch_loss(model, batch, num_tasks: int, **loss_kwargs):
+def batch_loss(model, batch, num_tasks: int, loss_fn=fused_linear_cross_entropy, **loss_kwargs):
     """Decoder -> final hidden states -> fused linear + cross-entropy against the LM head."""
-    return head_loss(model, run_decoder(model, batch).last_hidden_state, batch, num_tasks, **loss_kwargs)
+    return head_loss(model, run_decoder(model, batch).last_hidden_state, batch, num_tasks, loss_fn, **loss_kwargs)
 
 
 def count_correct(hidden: torch.Tensor, head, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int):
@@ -63,9 +64,10 @@ class LossModel(torch.nn.Module):
     -> LossOutput. `model` is the HF causal LM or the PeftModel around it; its state dict keys appear
     under "model." here."""
 
-    def __init__(self, model, num_tasks: int):
+    def __init__(self, model, num_tasks: int, loss_fn=fused_linear_cross_entropy):
         super().__init__()
         self.model, self.num_tasks = model, num_tasks
+        self.loss_fn = loss_fn  # the fused op, or compiled (torch_compile)
 
     def forward(self, batch, token_scale=None, reduction: str = "sum", moe=None, aux_divisor: int = 1,
                 with_accuracy: bool = False) -> LossOutput:
@@ -73,10 +75,10 @@ class LossModel(torch.nn.Module):
         if token_scale is not None:
             kwargs["token_scale"] = token_scale
         if moe is None and not with_accuracy:
-            return LossOutput(*batch_loss(self.model, batch, self.num_tasks, **kwargs))
+            return LossOutput(*batch_loss(self.model, batch, self.num_tasks, self.loss_fn, **kwargs))
         dec = run_decoder(self.model, batch, **({"output_router_logits": True} if moe is not None else {}))
         hidden = dec.last_hidden_state
-        out = head_loss(self.model, hidden, batch, self.num_tasks, **kwargs)
+        out = head_loss(self.model, hidden, batch, self.num_tasks, self.loss_fn, **kwargs)
         aux = correct = None
         if moe is not None:
             # A placeholder micro-batch (no real token, see data.batch.empty_batch) adds nothing.

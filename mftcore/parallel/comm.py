@@ -73,3 +73,12 @@ def destroy_process_group() -> None:
         time.sleep(0.5)
     _HOST_GROUP.clear()
     dist.destroy_process_group()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

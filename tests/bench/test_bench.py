@@ -135,7 +135,7 @@ def test_the_tables_of_gpu_results_print(one_thread):
     result = ce.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=gpu_check.cpu_timer, peak=None,
                                sweep=False)
     text = ce.table({**result, "device": "nvidia-h200"})
-    assert "N=64 H=32 V=100 float32" in text and "effective_tflops" in text and "tflops>=600" in text
+    assert "N=64 H=32 V=100 float32" in text and "effective_tflops" in text and "tflops(6NHV)>=600" in text
     va = bench_script("bench_varlen_attention")
     row = {"total_tokens": 8192, "documents": 5, "max_len": 4096, "fwd_vs_varlen_attn": 0.95,
            "backends": {"mftcore": {"fwd_ms": 1.0, "bwd_ms": 2.0}, "flex": {"error": "RuntimeError: x"}}}

@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 
-from mftcore.kernels import cross_entropy as ce
 from tests.bench.scripts import bench_script
 
 bench = bench_script("bench_cross_entropy")
@@ -25,6 +24,11 @@ def test_effective_tflops_counts_8nhv():
     assert bench.effective_tflops(n, h, v, 100.0) == pytest.approx(688.8, rel=1e-3)
 
 
+def test_goal_tflops_counts_6nhv():
+    n, h, v = bench.GOAL_SHAPE
+    assert bench.goal_tflops(n, h, v, 100.0) == pytest.approx(0.75 * bench.effective_tflops(n, h, v, 100.0))
+
+
 def test_eager_baseline_is_the_same_loss():
     hidden, weight, _, labels, tasks = bench.make_inputs(50, 16, 70, torch.float64, "cpu")
     assert bench.eager_loss(hidden, weight, labels, tasks).item() == pytest.approx(
@@ -41,14 +45,31 @@ def test_benchmark_report_on_cpu():
     result = bench.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=wall_timer, peak=None,
                                   sweep=False)
     assert [r["impl"] for r in result["rows"]][:2] == ["mftcore", "eager"]
-    assert result["speedup_vs_eager"] > 0 and set(result["goals"]) >= {"tflops>=600"}
+    assert result["speedup_vs_eager"] > 0 and set(result["goals"]) >= {"tflops(6NHV)>=600"}
+    assert result["rows"][0]["tflops_6nhv"] == pytest.approx(0.75 * result["rows"][0]["effective_tflops"])
 
 
-def test_config_sweep_restores_the_table():
-    before = dict(ce.LOGITS_CONFIGS)
-    rows = bench.sweep_logits_configs((32, 16, 40), torch.float32, "cpu", wall_timer)
-    assert len(rows) == len(bench.SWEEP_CANDIDATES) and all("ms" in r for r in rows)
-    assert ce.LOGITS_CONFIGS == before
+def test_the_report_names_the_choices_and_times_each_path(monkeypatch):
+    """On CPU nothing tunes; with a record installed as a GPU run would leave it, each path's best plan is
+    forced in turn (the plans are restored) and the table prints the choice and why."""
+    from mftcore.kernels import autotune
+    from mftcore.kernels import cross_entropy_kernels as cek
+
+    result = bench.gpu_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=wall_timer, peak=None)
+    assert result["tuning"] == [] and result["paths"] == [] and "nothing tuned" in bench.table(result)
+    triton, cublas = cek.TRITON_CANDIDATES["sm90_16bit"][0], cek.CUBLAS_CANDIDATES[0]
+    rec = autotune.Record("cross_entropy", {"device": "nvidia-h200-sm90", "grad": 1}, autotune.as_dict(cublas),
+                          [[autotune.as_dict(triton), 2.0], [autotune.as_dict(cublas), 1.0]], "measured")
+    autotune.reset()
+    autotune.install({"x": vars(rec)}, on_miss="measure")
+    try:
+        default = cek.default_plan
+        paths = bench.time_each_path((64, 32, 100), torch.float32, "cpu", wall_timer)
+        assert [p["path"] for p in paths] == ["cublas", "triton"] and cek.default_plan is default
+        text = bench.table({**result, "tuning": bench.tuning_report(), "paths": paths})
+        assert "fastest of 2: 1 ms" in text and "each logits path's best plan" in text
+    finally:
+        autotune.reset()
 
 
 @pytest.mark.gpu

@@ -296,8 +296,10 @@ def test_prepare_show_prints_what_the_model_sees(tmp_path, tokenizer, capsys):
     prompt, answer, text = enc("<s>system\ns\n<s>human\nq\n<s>bot\n"), enc("a\n"), enc("t\n")
     assert rows == [
         {"task": "t", "text": "<s>system\ns\n<s>human\nq\n<s>bot\na\n<|endoftext|>",
+         "marked": "<s>system\ns\n<s>human\nq\n<s>bot\n⟦a\n<|endoftext|>⟧",
          "input_ids": prompt + answer + [0], "loss_mask": [0] * len(prompt) + [1] * (len(answer) + 1)},
-        {"task": "t", "text": "t\n<|endoftext|>", "input_ids": text + [0], "loss_mask": [1] * (len(text) + 1)},
+        {"task": "t", "text": "t\n<|endoftext|>", "marked": "⟦t\n<|endoftext|>⟧", "input_ids": text + [0],
+         "loss_mask": [1] * (len(text) + 1)},
     ]
     assert "(built)" in err and "task t: 2 samples" in err
     code, out, err = run_cli(capsys, "prepare", str(cfg_path), "seq_length=100")

@@ -17,12 +17,12 @@ from mftcore.errors import DataError
 
 
 def jobs(n=7):
-    """(lines, first_line, tag) jobs of different sizes, so that workers finish out of order."""
+    """((lines, first_line, task), tag) jobs of different sizes, so that workers finish out of order."""
     out = []
     for k in range(n):
         rounds = [{"role": "human", "content": f"question {k} " * (1 + 5 * (k % 3))},
                   {"role": "bot", "content": f"answer {k}"}]
-        out.append(([(json.dumps({"chat_rounds": rounds}) + "\n").encode()] * (1 + k), 1 + 10 * k, f"tag{k}"))
+        out.append((([(json.dumps({"chat_rounds": rounds}) + "\n").encode()] * (1 + k), 1 + 10 * k, 0), f"tag{k}"))
     return out
 
 
@@ -33,9 +33,9 @@ def spec(tokenizer):
 def test_workers_give_the_in_process_chunks_in_job_order(tokenizer):
     s = spec(tokenizer)
     got = list(encoded_chunks(iter(jobs()), tokenizer, s, workers=3))
-    assert [tag for _, tag in got] == [tag for *_, tag in jobs()]
-    for (chunk, _), (lines, first, _) in zip(got, jobs()):
-        want = encode_lines(lines, first, tokenizer, s)
+    assert [tag for _, tag in got] == [tag for _, tag in jobs()]
+    for (chunk, _), ((lines, first, task), _) in zip(got, jobs()):
+        want = encode_lines(lines, first, tokenizer, s, task)
         assert np.array_equal(chunk.ids, want.ids) and np.array_equal(chunk.mask, want.mask)
         assert np.array_equal(chunk.lines, want.lines) and chunk.loss_tokens == want.loss_tokens > 0
 

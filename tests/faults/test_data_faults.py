@@ -263,3 +263,20 @@ def test_a_fifo_in_a_model_or_tokenizer_directory_is_named_not_read(tmp_path, ca
     else:
         outcome = run_cli(capfd, ["generate", "--model", d, "--prompt", "hi"])
         check_refused(outcome, "--model", "config.json", "not a regular file")
+
+
+@pytest.mark.parametrize("line,named", [
+    (b'{"task_id": "a", "task_id": "b"}', "duplicate key"),
+    (b'{"prompt": "caf\xe9"}', "invalid UTF-8"),
+    (b"[" * 100000 + b"]" * 100000, "nested"),
+    (b"7", "must be a JSON object"),
+])
+def test_a_benchmark_file_is_read_strictly(tmp_path, line, named):
+    """`mftcore eval --benchmark FILE` reads its JSONL by the same guarded path and strict reader."""
+    from mftcore.codeeval.benchmarks import read_jsonl
+    from mftcore.errors import DataError
+
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b"\n" + line + b"\n")
+    with pytest.raises(DataError, match=f"b.jsonl:2: .*{named}"):
+        read_jsonl(str(path), None)

@@ -7,7 +7,7 @@ arguments with the JIT's own binder (same signature, constexprs and divisibility
 launch) and compiles for a GPUTarget: PTX and cubin come out here, and the cuobjdump in Triton's wheel
 gives SASS and the resource usage (registers, spills).
 
-    python -m tests.helpers.compile_check   # prints the varlen attention table (bench/results/ keeps a copy)
+    python -m tests.helpers.compile_check   # the varlen attention tables (bench/results/ keeps a copy)
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class CompileReport(NamedTuple):
     wgmma_dots: int  # ttng.warp_group_dot in TTGIR (Hopper wgmma)
     hgmma: int  # HGMMA instructions in SASS
     hmma: int  # HMMA instructions in SASS (Ampere-style mma.sync)
+    spill_stores: int = 0  # STL instructions in SASS: stores of registers to local memory
 
     def row(self) -> str:
         consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
@@ -58,6 +59,7 @@ class CompileReport(NamedTuple):
 
 TABLE_HEADER = ("| target | kernel | dtype | constexprs | warps/stages | registers | spill B | shared B | HGMMA "
                 "| HMMA |\n|---|---|---|---|---|---|---|---|---|---|")
+STL_HEADER = TABLE_HEADER.replace("| HMMA |", "| HMMA | STL |").replace("|---|---|\n", "") + "---|"
 
 
 @contextmanager
@@ -103,7 +105,8 @@ def compile_launch(launch: Launch, capability: int) -> CompileReport:
         num_warps=launch.spec.num_warps, num_stages=launch.spec.num_stages,
         registers=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"], shared=compiled.metadata.shared,
         ttgir_dots=len(re.findall(r"= tt\.dot ", ttgir)), wgmma_dots=len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
-        hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)))
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
+        spill_stores=len(re.findall(r"\bSTL\b", sass)))
 
 
 def dump_cubin(cubin: bytes) -> tuple[str, dict]:
@@ -148,8 +151,101 @@ def varlen_attention_launches() -> list[Launch]:
     return launches
 
 
+def distinct(launches) -> list[Launch]:
+    """One launch per binary (launch_key)."""
+    out, keys = [], set()
+    for launch in launches:
+        key = launch_key(launch)
+        if key not in keys:
+            keys.add(key)
+            out.append(launch)
+    return out
+
+
+def varlen_attention_candidate_launches() -> list[Launch]:
+    """Every candidate block configuration of each varlen kernel (the tuner's choices), compiled in bf16 for
+    head dims 64/128/256, each with the arguments of a captured default launch."""
+    import importlib
+
+    va = importlib.import_module("mftcore.kernels.varlen_attention")
+    defaults = {}
+    for launch in varlen_attention_launches():
+        consts = launch.spec.constexprs
+        if str(launch.args[0].dtype) == "torch.bfloat16" and consts["HEAD_DIM"] in (64, 128, 256):
+            defaults[(launch.spec.kernel.fn.__name__, consts["D_PAD"], consts.get("ATOMIC_DQ"))] = launch
+    out = []
+    for (name, d, atomic), launch in defaults.items():
+        if name == "_fwd_kernel":
+            specs = [va.forward_spec(d, cfg) for cfg in va.FWD_CONFIGS[d]]
+        elif name == "_bwd_dkdv_kernel":
+            specs = [va.dkdv_spec(d, not atomic, cfg) for cfg in va.DKDV_CONFIGS[d]]
+        elif name == "_bwd_dq_kernel":
+            specs = [va.dq_spec(d, cfg) for cfg in va.DQ_CONFIGS[d]]
+        else:
+            continue
+        out += [Launch(spec, launch.args) for spec in specs]
+    return distinct(out)
+
+
+def cross_entropy_launches(families=None) -> list[Launch]:
+    """Every launch the fused cross-entropy makes at every candidate of its tuner, per device family
+    ({family: [Launch]}): kernel 1 and the cuBLAS path's row kernel with and without stored logits, bias
+    or not, the softmax-gradient kernel, and the fp32 weight-gradient GEMM; 16-bit families in bf16 (and
+    fp16 at the default tile), fp32 with IEEE and TF32 dots."""
+    import importlib
+
+    import torch
+
+    cek = importlib.import_module("mftcore.kernels.cross_entropy_kernels")
+    ce = importlib.import_module("mftcore.kernels.cross_entropy")
+    families = families or ("sm90_16bit", "sm80_16bit", "fp32")
+    out = {}
+    for family in families:
+        dtypes = [torch.float32] if family == "fp32" else [torch.bfloat16, torch.float16]
+        plans = cek.plan_candidates(family)
+        with captured_launches(cek) as seen:
+            for dtype in dtypes:
+                for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+                    torch.backends.cuda.matmul.allow_tf32 = tf32
+                    for plan in plans:
+                        is_default = plan == cek.default_plan(family)
+                        if dtype == torch.float16 and not (is_default or plan == cek.CUBLAS_CANDIDATES[0]):
+                            continue  # fp16 compiles as bf16 does: one plan of each path stands for the others
+                        for bias, want_grad, V in ((0, 0, 1024), (0, 1, 1024), (1, 1, 1024), (1, 0, 1024),
+                                                   (0, 1, 1000)):
+                            if V == 1000 and not is_default:
+                                continue
+                            h = torch.zeros(64, 256, dtype=dtype)
+                            w = torch.zeros(V, 256, dtype=dtype)
+                            b = torch.zeros(V, dtype=dtype) if bias else None
+                            labels, scale = torch.zeros(64, dtype=torch.long), torch.zeros(64)
+                            buf = ce.chunk_buffer(h, 64, V)
+                            cek.chunk_step(h, w, b, labels, scale, bool(want_grad), buf, plan)
+                    if dtype != torch.float32:
+                        for tile in cek.GRAD_W_CANDIDATES[family]:
+                            cek.accumulate_grad_weight(torch.zeros(1024, 256), torch.zeros(64, 1024, dtype=dtype),
+                                                       torch.zeros(64, 256, dtype=dtype), tile)
+            torch.backends.cuda.matmul.allow_tf32 = False
+        out[family] = distinct(seen)
+    return out
+
+
 if __name__ == "__main__":
-    print(TABLE_HEADER)
+    print("# varlen attention: every launch compiled for sm_90 and sm_80\n")
+    print("Triton 3.7.1 and the ptxas/cuobjdump of its wheel, on a CPU-only machine: "
+          "`python -m tests.helpers.compile_check`.\nregisters per thread; spill B = local memory and stack bytes "
+          "per thread; STL = register spill stores in the SASS;\nshared B = bytes per block (limits: sm_80 166912, "
+          "sm_90 232448); HGMMA / HMMA = wgmma / mma.sync instructions in the SASS.\nCausal, GQA group and "
+          "sizes are runtime arguments (one binary serves all); head dim 80 (bf16) stands for the head dims\n"
+          "below their power of two (masked columns).\n\n## Default launches\n")
+    print(STL_HEADER)
     for launch in varlen_attention_launches():
         for cap in (90, 80):
-            print(compile_launch(launch, cap).row(), flush=True)
+            report = compile_launch(launch, cap)
+            print(report.row() + f" {report.spill_stores} |", flush=True)
+    print("\n## Every tuning candidate (bf16)\n")
+    print(STL_HEADER)
+    for launch in varlen_attention_candidate_launches():
+        for cap in (90, 80):
+            report = compile_launch(launch, cap)
+            print(report.row() + f" {report.spill_stores} |", flush=True)

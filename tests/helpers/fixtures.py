@@ -1,11 +1,22 @@
 """The suite's pytest fixtures (registered by tests/conftest.py): the sample tokenizer, a tiny training
 config written under tmp_path, and a tiny pretrained model on disk."""
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from tests.helpers.paths import DATA, TINY_MODEL, TOKENIZER
+
+# No test reaches a hub: the Hugging Face caches live in a directory of this session, offline (datasets and
+# huggingface_hub read these when first imported, so they are set when pytest loads this plugin).
+HF_HOME = tempfile.mkdtemp(prefix="mftcore-tests-hf-")
+atexit.register(shutil.rmtree, HF_HOME, True)
+os.environ.update(HF_HOME=HF_HOME, HF_HUB_CACHE=os.path.join(HF_HOME, "hub"),
+                  HF_DATASETS_CACHE=os.path.join(HF_HOME, "datasets"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
 @pytest.fixture(scope="session")

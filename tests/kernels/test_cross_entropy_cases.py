@@ -2,15 +2,19 @@
 
 This module runs twice: in the normal suite (CPU tensors -> the chunked PyTorch path) and, through
 tests/kernels/test_cross_entropy_interpret.py, in a subprocess with TRITON_INTERPRET=1 (CPU tensors -> the
-Triton kernels in the interpreter). fp32 and fp16 only: the interpreter computes bf16 wrongly.
+Triton kernels in the interpreter), where every test runs on both logits paths (the Triton tile GEMM and
+cuBLAS -> torch.mm plus the row kernel). fp32 and fp16 only: the interpreter computes bf16 wrongly.
 """
 
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from mftcore.kernels import autotune
 from mftcore.kernels import cross_entropy as ce
+from mftcore.kernels import cross_entropy_kernels as cek
 from mftcore.kernels.cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
@@ -27,11 +31,22 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 6e-3)}
 # K=1 and K=9 (tasks 4 and 8 get no tokens); chunks of 13 rows cut through kernel tiles.
 SHAPES = [(1, 5, 7, 1), (37, 20, 70, 9), (50, 33, 101, 3), (64, 48, 16, 2)]
 REDUCTIONS = ["token_mean", "task_mean", "sum"]
+PATHS = ["triton", "cublas"] if INTERPRET else ["torch"]
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(ce, "chunk_rows", lambda *args: 13)
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def logits_path(request, monkeypatch):
+    """In the interpreter the plan is the family's default; "cublas" makes it the cuBLAS path's."""
+    if request.param == "cublas":
+        monkeypatch.setattr(cek, "default_plan", lambda family: cek.CUBLAS_INTERPRET[0])
+    autotune.reset()
+    yield request.param
+    autotune.reset()
 
 
 def make_case(N, H, V, K, dtype, bias, seed=0):
@@ -76,7 +91,7 @@ def run_both(hidden, weight, bias, labels, tasks, K, **kw):
 
 
 def test_dispatch_follows_the_interpreter_switch():
-    assert interpreted() == INTERPRET == (type(ce._logits_lse_kernel).__name__ == "InterpretedFunction")
+    assert interpreted() == INTERPRET == (type(cek._logits_lse_kernel).__name__ == "InterpretedFunction")
     assert uses_triton(torch.zeros(1), cuda_dtypes=ANY_DTYPE) == INTERPRET
     assert not uses_triton(torch.zeros(1, dtype=torch.bfloat16), cuda_dtypes=ANY_DTYPE)  # wrong in the interpreter
 
@@ -186,3 +201,93 @@ def test_upstream_gradient_scales_every_gradient():
         grads.append([t.grad for t in ins])
     for one, three in zip(*grads):
         torch.testing.assert_close(three, -3.0 * one, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------- 16-bit consistency, labels
+def confident_case(N, H, V, dtype, seed=0):
+    """Hidden states pointing at their label's weight row: p_y ~ 0.99, where 1 - p_y is small."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5
+    labels = torch.randint(0, V, (N,), generator=g)
+    wy = w[labels]
+    noise = 0.5 * torch.randn(N, H, generator=g, dtype=torch.float64) / H ** 0.5
+    return (12 * wy / wy.norm(dim=1, keepdim=True) ** 2 + noise).to(dtype), w.to(dtype), labels
+
+
+def gradients(loss_fn, hidden, weight, dtype):
+    h, w = hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()
+    loss_fn(h, w).backward()
+    return h.grad.double(), w.grad.double()
+
+
+def test_confident_fp16_gradient_is_as_accurate_as_torch():
+    """Statistics and gradient from the same rounded logits: a confident token's 1 - p_y is not swamped
+    by its logit's fp16 rounding (that was 96x torch's grad_hidden error in the interpreter)."""
+    hidden, weight, labels = confident_case(64, 64, 512, torch.float16)
+    p_y = F.linear(hidden.double(), weight.double()).softmax(1).gather(1, labels[:, None])
+    assert p_y.mean() > 0.98
+    exact = gradients(lambda h, w: F.cross_entropy(F.linear(h, w), labels, reduction="sum"), hidden, weight,
+                      torch.float64)
+    torch16 = gradients(lambda h, w: F.cross_entropy(F.linear(h, w).float(), labels, reduction="sum"), hidden,
+                        weight, torch.float16)
+    ours = gradients(lambda h, w: fused_linear_cross_entropy(h, w, labels, reduction="sum").loss, hidden, weight,
+                     torch.float16)
+    for name, got, theirs, want in zip(("grad_hidden", "grad_weight"), ours, torch16, exact):
+        err, torch_err = (got - want).abs().max().item(), (theirs - want).abs().max().item()
+        assert err <= 4 * torch_err, f"{name}: {err:.3g} vs torch fp16 {torch_err:.3g}"
+    with torch.no_grad():  # evaluation: the same rounded statistics, the same loss
+        evaluated = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum").loss
+    trained = fused_linear_cross_entropy(hidden, weight.clone().requires_grad_(), labels, reduction="sum").loss
+    assert evaluated.item() == trained.item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_of_range_labels_give_nan_on_every_path(dtype):
+    """A valid token whose label is not in [0, V): NaN ce (loss, its task's sum, gradients), never inf or
+    a finite wrong value; other tasks keep their sums. The float64 oracle raises instead."""
+    hidden, weight, b, labels, tasks = make_case(30, 12, 40, 3, dtype, bias=True)
+    labels[tasks == 0] = -100
+    labels[3], tasks[3] = 40, 1  # V itself: inside the last kernel tile
+    labels[5], tasks[5] = 1000, 1
+    labels[7], tasks[7] = -5, 1
+    ins = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    out = fused_linear_cross_entropy(ins[0], ins[1], labels, tasks, bias=ins[2], num_tasks=3)
+    out.loss.backward()
+    logits = (hidden.float() @ weight.float().T + b.float()).requires_grad_()
+    masked = masked_cross_entropy(logits, labels, tasks, num_tasks=3)
+    masked.loss.backward()
+    for o in (out, masked):
+        assert o.loss.isnan() and o.task_loss_sum[1].isnan() and o.task_loss_sum[2].isfinite()
+        assert o.task_loss_sum[0] == 0
+    assert all(t.grad.isnan().any() for t in ins) and logits.grad[[3, 5, 7]].isnan().all()
+    assert logits.grad[tasks == 2].isfinite().all()
+    with pytest.raises((IndexError, RuntimeError)):
+        fused_linear_cross_entropy_reference(hidden.double(), weight.double(), labels, tasks, num_tasks=3)
+
+
+# --------------------------------------------------------------------- weight-gradient accumulation
+def test_fp32_master_weight_accumulates_its_gradient_in_fp32():
+    """fp16 hidden states, an fp32 head (autocast over master weights): grad_W is fp32 and summed in fp32
+    over the chunks (13 rows each here), so it beats the fp16 sum of the same chunk gradients."""
+    N, H, V = 260, 24, 60
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(N, H, generator=g).half()
+    weight = torch.randn(V, H, generator=g) / H ** 0.5
+    labels = torch.randint(0, V, (N,), generator=g)
+    w32 = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w32, labels, reduction="sum").loss.backward()
+    w16 = weight.half().requires_grad_()
+    fused_linear_cross_entropy(hidden, w16, labels, reduction="sum").loss.backward()
+    w16_acc = weight.half().requires_grad_()
+    fused_linear_cross_entropy(hidden, w16_acc, labels, reduction="sum", accum_dtype=torch.float32).loss.backward()
+    w64 = weight.half().double().requires_grad_()
+    fused_linear_cross_entropy_reference(hidden.double(), w64, labels, reduction="sum").loss.backward()
+    assert w32.grad.dtype == torch.float32 and w16_acc.grad.dtype == torch.float16
+    err32 = (w32.grad.double() - w64.grad).abs().max().item()
+    err16 = (w16.grad.double() - w64.grad).abs().max().item()
+    err16_acc = (w16_acc.grad.double() - w64.grad).abs().max().item()
+    # fp32 accumulation leaves the per-chunk fp16 rounding of G only; one final rounding for fp16 weights
+    assert err32 * 3 < err16, (err32, err16)
+    assert err16_acc * 2 < err16, (err16_acc, err16)
+    with pytest.raises(ValueError, match="accum_dtype"):
+        fused_linear_cross_entropy(hidden, w16, labels, accum_dtype=torch.bfloat16)

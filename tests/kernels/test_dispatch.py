@@ -40,7 +40,7 @@ def test_every_spelling_triton_accepts_switches_every_op_alike():
     """TRITON_INTERPRET=true makes triton.jit interpret the kernels; dispatch must agree with the kernels'
     own decoration (a separate `== "1"` test sent such inputs to the reference while CE ran Triton)."""
     code = ("import sys, torch\nfrom mftcore.kernels import dispatch\n"
-            "kernels = [sys.modules['mftcore.kernels.cross_entropy']._logits_lse_kernel,\n"
+            "kernels = [sys.modules['mftcore.kernels.cross_entropy_kernels']._logits_lse_kernel,\n"
             "           sys.modules['mftcore.kernels.varlen_attention']._fwd_kernel]\n"
             "print(dispatch.interpreted(), *sorted({type(k).__name__ for k in kernels}))\n"
             "print(*(dispatch.uses_triton(torch.zeros(1, dtype=d), cuda_dtypes=rule) for rule in\n"

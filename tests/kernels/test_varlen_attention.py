@@ -49,6 +49,24 @@ def test_reference_matches_block_diagonal_attention(causal):
     torch.testing.assert_close(out, dense_oracle(q, k, v, lengths, causal))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_backward_formulas_match_autograd(causal):
+    """The backward the custom op uses on the reference path (compiled CPU or fp32 runs) against autograd
+    through per-segment SDPA, in float64, GQA, a length-1 and an empty segment."""
+    from mftcore.kernels.varlen_attention_reference import varlen_attention_reference_backward
+
+    lengths = [1, 7, 0, 12, 4]
+    q, k, v = (torch.randn(24, h, 16, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    do = torch.randn(24, 4, 16, dtype=torch.float64)
+    cu = cu_of(lengths)
+    want = torch.autograd.grad(va.varlen_attention_reference(q, k, v, cu, 12, causal=causal, softmax_scale=0.3),
+                               (q, k, v), do)
+    got = varlen_attention_reference_backward(do, q.detach(), k.detach(), v.detach(), cu, 12, causal=causal,
+                                              softmax_scale=0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_cpu_dispatch_is_the_reference_and_scale_applies():
     q = torch.randn(10, 2, 8)
     assert not uses_triton(q, cuda_dtypes=TENSOR_CORE_DTYPES)  # no TRITON_INTERPRET in this process
@@ -111,6 +129,28 @@ def test_every_launch_compiles_for_sm90_and_sm80_with_wgmma_on_hopper():
         if r.kernel == "_bwd_preprocess_kernel":
             assert r.hgmma == r.hmma == r.wgmma_dots == r.ttgir_dots == 0, where
         elif r.capability == 90:
+            assert r.ttgir_dots == 0 and r.wgmma_dots > 0 and r.hgmma > 0 and r.hmma == 0, where
+        else:
+            assert r.hmma > 0 and r.hgmma == 0, where
+
+
+def test_every_tuning_candidate_compiles_for_sm90_and_sm80():
+    """Each candidate block configuration the tuner may pick (bf16, head dims 64/128/256) compiles for both
+    architectures with wgmma on sm_90, fits shared memory, and spills at most the default's 8 bytes for
+    D <= 128 (the D = 256 backward has its spilling default only)."""
+    launches = compile_check.varlen_attention_candidate_launches()
+    expected = sum(len(table[d]) * (2 if table is va.DKDV_CONFIGS else 1) for d in (64, 128, 256)
+                   for table in (va.FWD_CONFIGS, va.DKDV_CONFIGS, va.DQ_CONFIGS))
+    assert len(launches) == expected
+    jobs = [(launch, cap) for launch in launches for cap in (90, 80)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reports = list(pool.map(lambda job: compile_check.compile_launch(*job), jobs))
+    for r in reports:
+        where = f"{r.kernel} {r.constexprs} w{r.num_warps}/s{r.num_stages} sm_{r.capability}"
+        assert 0 < r.shared <= compile_check.SHARED_LIMIT[r.capability], where
+        if r.constexprs["D_PAD"] <= 128:
+            assert r.spill_bytes <= 8 and r.spill_stores <= 1, f"{where}: {r.spill_bytes} bytes of spills"
+        if r.capability == 90:
             assert r.ttgir_dots == 0 and r.wgmma_dots > 0 and r.hgmma > 0 and r.hmma == 0, where
         else:
             assert r.hmma > 0 and r.hgmma == 0, where

@@ -35,7 +35,7 @@ def small_blocks(request, monkeypatch):
     """Small blocks unless the test's parameter names "GPU blocks"."""
     if "GPU blocks" not in request.node.name:
         for table, cfg in SMALL.items():
-            monkeypatch.setattr(va, table, {d: cfg for d in getattr(va, table)})
+            monkeypatch.setattr(va, table, {d: [cfg] for d in getattr(va, table)})
 
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=5e-3, rtol=5e-3)}
@@ -174,3 +174,86 @@ def test_tiny_llama_packed_row_matches_documents_alone():
     torch.testing.assert_close(packed, torch.cat(alone_logits), atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, alone_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ the tuner, opcheck, host reads
+
+def test_the_tuner_picks_the_fastest_candidate_of_each_kernel(monkeypatch, tmp_path):
+    """MFTCORE_AUTOTUNE=1 with made-up timings that favour the second small candidate of each kernel: that
+    one is used (the launches show it), the results still match the oracle, and a second call times nothing."""
+    from mftcore.kernels import autotune
+
+    monkeypatch.setenv("MFTCORE_AUTOTUNE", "1")
+    monkeypatch.setenv("MFTCORE_CACHE_DIR", str(tmp_path))
+    autotune.reset()
+    second = {"FWD_CONFIGS": va.BlockConfig(16, 16, 2, 1), "DKDV_CONFIGS": va.BlockConfig(16, 16, 2, 1),
+              "DQ_CONFIGS": va.BlockConfig(16, 16, 2, 1)}
+    for table, cfg in second.items():
+        monkeypatch.setattr(va, table, {d: [SMALL[table], cfg] for d in getattr(va, table)})
+    seen, timed = [], []
+    launch = va.launch
+    monkeypatch.setattr(va, "launch", lambda spec, grid, *a: seen.append(spec) or launch(spec, grid, *a))
+
+    def fake_timer(fn):
+        fn()
+        timed.append(seen[-1])
+        return 1.0 if seen[-1].constexprs["BLOCK_M"] == 16 and seen[-1].num_warps == 2 else 2.0
+
+    monkeypatch.setattr(va, "timer", lambda: fake_timer)
+    q, k, v, cu, do = make_inputs([40, 9, 23], 4, 2, 64, torch.float32, seed=4)
+    try:
+        for det in (True, False):
+            got = run(q, k, v, cu, 40, do, deterministic=det)
+            for a, b in zip(got, oracle(q, k, v, cu, do, True)):
+                torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
+        assert len(timed) == 2 * 4  # forward, dK/dV (atomic and not), dQ: two candidates each
+        seen.clear()
+        timed.clear()
+        run(q, k, v, cu, 40, do, deterministic=True)
+        assert timed == [] and all(s.num_warps == 2 for s in seen if "BLOCK_N" in s.constexprs)
+        assert {r.source for r in autotune.records()} == {"measured"}
+    finally:
+        autotune.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_opcheck_on_the_triton_path(dtype):
+    q, k, v, cu, do = make_inputs([20, 1, 11], 4, 2, 64, dtype, seed=5)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    args = (q, k, v, cu, 20, True, 0.125, False)
+    torch.library.opcheck(torch.ops.mftcore.varlen_attention.default, args)
+    o, lse = torch.ops.mftcore.varlen_attention(*args)
+    assert lse.shape == (4, 32)
+    torch.library.opcheck(torch.ops.mftcore.varlen_attention_backward.default,
+                          (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, cu, 20, True, 0.125, True))
+
+
+def test_no_host_reads_in_forward_and_backward(monkeypatch):
+    """The CUDA path's code: no tensor value is read on the host (the interpreter-only segment check,
+    which reads cu_seqlens because the interpreter does not bounds-check, is left out)."""
+    from tests.helpers.no_sync import no_host_reads
+
+    monkeypatch.setattr(va, "check_segments", lambda *args: None)
+    q, k, v, cu, do = make_inputs([30, 2, 17], 4, 2, 64, torch.float16, seed=6)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    for det in (False, True):
+        with no_host_reads():
+            o = va.varlen_attention(q, k, v, cu, 30, deterministic=det)
+            grads = torch.autograd.grad(o, (q, k, v), do)
+        assert all(g.isfinite().all() for g in grads)
+
+
+CANDIDATES = [(d, table, cfg) for table in ("FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS")
+              for d in (64, 128, 256) for cfg in getattr(va, table)[d]]
+
+
+@pytest.mark.parametrize("d, table, cfg", CANDIDATES, ids=lambda x: str(x).replace("BlockConfig", ""))
+def test_every_tuning_candidate_matches_the_oracle(d, table, cfg, monkeypatch, request):
+    """Each block configuration the tuner may pick (GPU sizes, run as they are), alone in its table, on
+    documents that cross its blocks: the same results as the float64 oracle (fp32 inputs)."""
+    monkeypatch.setattr(va, table, {**getattr(va, table), d: [cfg]})
+    q, k, v, cu, do = make_inputs([70, 1, 130], 1, 1, d, torch.float32, seed=7)
+    for det in ((False, True) if table != "FWD_CONFIGS" else (False,)):
+        got = run(q, k, v, cu, 130, do, deterministic=det)
+        for label, a, b in zip(("o", "dq", "dk", "dv"), got, oracle(q, k, v, cu, do, True)):
+            torch.testing.assert_close(a.double(), b, **TOL[torch.float32], msg=lambda m: f"{label}: {m}")

@@ -51,6 +51,10 @@ ADAPTERS = {  # name: (engine keys, adapter keys)
 ADAPTER_RUN = dict(lora_rank=4, lora_dropout=0.0, learning_rate=1e-2, weighted_loss_mode="case3", evaluation_steps=0,
                    padding_mode="pack")
 RESUMED = ("ddp", "fsdp", "zero2", "zero3", "fsdp-lora")
+# A code benchmark in every engine's run, split across the two ranks (synced generation, through FSDP2's
+# and ZeRO-3's gathered weights): the curves stay those of the references, which evaluate none.
+HUMANEVAL = os.path.join(ROOT, "examples", "benchmarks", "humaneval_tiny.jsonl")
+BENCHMARKS = [{"name": "he", "file": HUMANEVAL, "every_steps": 2, "max_new_tokens": 6, "batch_size": 3, "workers": 1}]
 
 
 def launch(args, cwd, timeout=420):
@@ -68,7 +72,8 @@ def runs(tmp_path_factory, tiny_pretrained):
     out, configs = {}, []
     for name, keys in ENGINES.items():
         out[name] = root / name
-        configs.append(write_config(root / f"{name}.json", out[name], per_device_train_batch_size=4, **RUN, **keys))
+        configs.append(write_config(root / f"{name}.json", out[name], per_device_train_batch_size=4, **RUN, **keys,
+                                    eval_benchmarks=BENCHMARKS))
     for name, (keys, adapter) in ADAPTERS.items():
         out[name] = root / name
         configs.append(write_config(root / f"{name}.json", out[name], per_device_train_batch_size=4,
@@ -119,6 +124,17 @@ def test_engine_matches_one_process(runs, references, name):
     want = tensors(ref_final)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, want[key], rtol=0, atol=1e-4)  # 4 AdamW steps at lr 3e-3
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_benchmarks_split_across_ranks(runs, name):
+    """Each rank generated and ran its share; rank 0 logged the gathered result of all problems."""
+    assert [(r["step"], r["problems"]) for r in read_metrics(runs[name], "he")] == [(2, 4), (4, 4)]
+    with open(runs[name] / "benchmarks" / "he" / "step-4.jsonl") as f:
+        results = [json.loads(line) for line in f]
+    assert [r["task_id"] for r in results] == ["mft/0", "mft/1", "mft/2", "mft/3"]
+    assert all(len(r["completions"]) == len(r["passed"]) == 1 for r in results)
+    assert [r["step"] for r in read_metrics(runs[f"{name}-resumed"], "he")] == [4]
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

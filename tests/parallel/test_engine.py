@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mftcore.parallel.engine import SKIP_REASONS, Engine
+from tests.helpers.engine import InfGradient
 
 
 class Tiny(torch.nn.Module):
@@ -22,18 +23,6 @@ def make_engine(fused: bool):
     module = Tiny()
     optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, **({"fused": True} if fused else {}))
     return Engine(module, module, optimizer)
-
-
-class InfGradient(torch.autograd.Function):
-    """A finite loss whose gradient is infinite."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
 
 
 def run_step(engine, poison):

@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from mftcore import checkpoint
 from mftcore.errors import ConfigError
+from mftcore.integrity import CheckpointError
 from mftcore.train import train
+from tests.faults.harness import restamp
 from tests.helpers.engine import assert_bitwise_equal, engine_config, read_metrics, tensors, write_config
 from tests.helpers.paths import TINY_MODEL
 
@@ -135,9 +137,13 @@ def test_checkpoint_holds_everything_and_loads_without_unpickling_code(tmp_path)
             return (open, (str(marker), "w"))
 
     torch.save({"state": Payload()}, ckpt / "optimizer.pt")
+    resume = engine_config(out, max_train_steps=3, resume_from_checkpoint=str(ckpt),
+                           weighted_loss_mode="self-paced", selfpaced_history_length=2)
+    with pytest.raises(CheckpointError, match="optimizer.pt: .* the manifest says"):  # the manifest sees the swap
+        train(resume)
+    restamp(ckpt)  # and one who fixes the manifest too meets the unpickling guard
     with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
-        train(engine_config(out, max_train_steps=3, resume_from_checkpoint=str(ckpt),
-                            weighted_loss_mode="self-paced", selfpaced_history_length=2))
+        train(resume)
     assert not marker.exists()
 
 

@@ -21,7 +21,7 @@ from mftcore.model.decoder import causal_lm, run_decoder
 from mftcore.model.load import load_tokenizer
 from mftcore.model.moe import moe_spec, router_aux_loss
 from mftcore.train import train
-from tests.helpers.engine import engine_config, read_metrics, save_tiny_pretrained, tensors
+from tests.helpers.engine import InfGradient, engine_config, read_metrics, save_tiny_pretrained, tensors
 from tests.helpers.paths import TINY_MODEL
 
 CPU = torch.device("cpu")
@@ -158,16 +158,6 @@ def test_evaluation_accuracy_early_stopping_and_best_kept(tmp_path, monkeypatch)
         assert valid[-1]["task_accuracy"][name] == pytest.approx(acc, abs=1e-6)
         assert valid[-1]["task_loss"][name] == pytest.approx(ce, rel=1e-5)
         assert valid[-1]["task_tokens"][name] == sel.sum().item()
-
-
-class InfGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
 
 
 def test_non_finite_steps_are_skipped_counted_and_too_many_stop_the_run(tmp_path, monkeypatch):

@@ -1,0 +1,1 @@
+../../kernels/varlen_attention_kernels.py
