@@ -139,3 +139,24 @@ def test_bench_refuses_a_json_path_over_a_run(run, tmp_path, capfd, name):
     target = tmp_path if name == "directory" else os.path.join(run["output_dir"], "metrics.jsonl")
     named = "is a directory" if name == "directory" else "training run directory"
     check_refused(run_cli(capfd, ["bench", "packing", "--quick", "--json", target]), "--json", named)
+
+
+EVAL_REFUSED = [("benchmark-file", "is the benchmark"), ("inside-model", "exists inside the model"),
+                ("run-metrics", "training run directory")]
+
+
+@pytest.mark.parametrize("name,named", EVAL_REFUSED, ids=[c[0] for c in EVAL_REFUSED])
+def test_eval_refuses_an_output_over_an_input(run, tiny_pretrained, tmp_path, capfd, name, named):
+    """Refused before the benchmark is read or the model loaded (no sandbox run needed)."""
+    from tests.helpers.paths import ROOT
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pretrained, model)
+    bench = tmp_path / "bench.jsonl"
+    shutil.copy(os.path.join(ROOT, "examples", "benchmarks", "humaneval_tiny.jsonl"), bench)
+    target = {"benchmark-file": bench, "inside-model": model / "config.json",
+              "run-metrics": os.path.join(run["output_dir"], "metrics.jsonl")}[name]
+    before = snapshot(tmp_path)
+    outcome = run_cli(capfd, ["eval", model, "--benchmark", bench, "--output", target])
+    check_refused(outcome, "--output", named)
+    assert snapshot(tmp_path) == before
