@@ -7,11 +7,15 @@ This module only parses arguments and dispatches; the work lives in train.py and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 
 from mftcore import mftcoder
-from mftcore.errors import ConfigError, MftcoreError
+from mftcore.errors import ConfigError, Interrupted, MftcoreError
 
 
 def add_train_parser(sub) -> None:
@@ -97,6 +101,9 @@ def add_export_parser(sub) -> None:
                                    "model.safetensors (or the adapter), the tokenizer and the config to OUT.")
     p.add_argument("checkpoint", help="a checkpoint-N directory (one process, ddp, fsdp or deepspeed)")
     p.add_argument("out", help="the directory to write")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow code shipped with the model to run (a trust_remote_code in the checkpoint's own "
+                        "config is not enough)")
 
 
 def add_bench_parser(sub) -> None:
@@ -180,7 +187,7 @@ def run(args) -> int:
     elif args.command == "export":
         from mftcore.commands.export import export_checkpoint
 
-        print(export_checkpoint(args.checkpoint, args.out))
+        print(export_checkpoint(args.checkpoint, args.out, trust_remote_code=args.trust_remote_code))
     elif args.command == "bench":
         from mftcore.commands.bench import run_benchmark
 
@@ -188,15 +195,66 @@ def run(args) -> int:
     return 0
 
 
+def raise_interrupted(signum, frame):
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}; what was being written was removed", signum)
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    """SIGTERM as an exception, so that it unwinds like Ctrl-C does: temporary files are removed and
+    worker processes stopped on the way out (the training loop handles both signals itself)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def report(message: str) -> None:
+    """The error line, on a line of its own: a progress bar still open would otherwise share it."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            with contextlib.suppress(Exception):
+                bar.close()
+    except ImportError:
+        pass
+    print(f"mftcore: error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        with terminate_as_exception():
+            return run(args)
     except MftcoreError as e:
         if args.debug:
             raise
-        print(f"mftcore: error: {e}", file=sys.stderr)
+        report(one_line(e))
         return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        report("interrupted (Ctrl-C); what was being written was removed")
+        return 130
+    except BrokenPipeError:  # `mftcore generate ... | head`: the reader is gone, which is not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # the system refused something: a path or device problem, not a bug of ours
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        report(f"{where}{e.strerror or one_line(e)}")
+        return 2
 
 
 if __name__ == "__main__":

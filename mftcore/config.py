@@ -22,7 +22,7 @@ from mftcore import mftcoder
 from mftcore.data.render import DEFAULT_ROLE_MARKERS
 from mftcore.data.sources import task_spec
 from mftcore.errors import ConfigError
-from mftcore.io import read_json_object
+from mftcore.io import JsonProblem, parse_json, read_json_object
 from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
 
 
@@ -57,13 +57,13 @@ class TrainConfig:
     """mftcore: processes that tokenize the data (0: one per CPU, at most 8)."""
     chat_template: Optional[str] = None
     """mftcore: null or "mftcoder": MFTCoder's training string (role_markers); "model": the tokenizer's own chat template, trained on assistant turns and their end-of-turn tokens."""
-    data_weights: Optional[list] = None
+    data_weights: Optional[list[float]] = None
     """Per-task sampling proportions in data_paths order (a list or "[1,2]" string): task t is drawn with p_t = w_t / sum(w), times n_t^(1/T) with sampling_temperature; null = every sample once per epoch."""
     sampling_temperature: Optional[float] = None
     """mftcore: draw task t with p_t proportional to n_t^(1/T) (n_t: its training samples; 1 = natural, larger = flatter); an epoch is as many draws as training samples."""
-    fim_rate: Union[float, list] = 0.0
+    fim_rate: Union[float, list[float]] = 0.0
     """mftcore: fraction of plain-code (`text`) samples turned into fill-in-the-middle, one number or a list per task."""
-    fim_spm_rate: Union[float, list] = 0.0
+    fim_spm_rate: Union[float, list[float]] = 0.0
     """mftcore: fraction of the FIM samples in SPM order (suffix first) instead of PSM, one number or a list per task."""
     fim_tokens: Optional[list[str]] = None
     """mftcore: the tokenizer's FIM tokens [prefix, suffix, middle] (null: the model family's, or known spellings in the vocabulary)."""
@@ -87,7 +87,7 @@ class TrainConfig:
     # --- loss ---
     weighted_loss_mode: str = "case3"
     """case1 token mean, case2 mean of sample means, case3 task-weighted mean of task token means, case4 the same of sample means."""
-    task_weights: Optional[list] = None
+    task_weights: Optional[list[float]] = None
     """Per-task loss weights in data_paths order (a list or "[1,2]" string), for case3/case4; null = all 1."""
 
     # --- training engine: adapters, precision, dynamic weighting, evaluation, checkpoints ---
@@ -97,7 +97,7 @@ class TrainConfig:
     """LoRA scaling numerator: adapters are scaled by lora_alpha / lora_rank."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
-    target_modules: Union[None, str, list] = None
+    target_modules: Union[None, str, list[str]] = None
     """Module names that get LoRA adapters (a list or "[a,b]"); null or "all-linear": every linear but the LM head."""
     gradient_checkpointing: bool = True
     """mftcore: recompute decoder layers in the backward pass (less memory, ~1/3 more compute)."""
@@ -204,12 +204,12 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str, overrides: list[str] | tuple = ()) -> "TrainConfig":
         """Read a JSON config, apply `key=value` overrides (value parsed as JSON, else a string), validate."""
-        raw = read_json_object(path, f"{path}: config file not found")
+        raw = read_config(path)
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r}: expected key=value")
-            raw[key.strip()] = parse_value(value)
+            raw[key.strip()] = parse_value(value, key.strip())
         return cls.from_dict(raw, source=path)
 
     @classmethod
@@ -222,6 +222,7 @@ class TrainConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
         check_types(raw, source)
+        check_finite(raw, source)
         cfg = cls(**raw)
         cfg.validate(source)
         return cfg
@@ -293,6 +294,11 @@ def non_negative_number(v) -> Optional[str]:
     return None if v >= 0 and math.isfinite(v) else f"must be a finite number >= 0, got {v!r}"
 
 
+MAX_INT = 1 << 62  # any integer key: beyond this torch's int64 arithmetic (steps x batch, seeds) overflows
+# The C++ packer holds ~32 bytes per unit of seq_length (a heap and a counting-sort bucket per room value):
+# 512 MiB here; 2**63-1 used to crash it. 16M tokens is beyond any model's context today.
+MAX_SEQ_LENGTH = 1 << 24
+
 RANGES = {
     "lora_dropout": lambda v: None if 0 <= v < 1 else f"must lie in [0, 1), got {v}",
     "adam_beta1": lambda v: None if 0 <= v < 1 else f"must lie in [0, 1), got {v}",
@@ -302,6 +308,16 @@ RANGES = {
     f"must be >= 0 or null, got {v!r}",
     "num_warmup_steps": lambda v: None if (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 <= v < 1)
     else "an int >= 0 (steps) or a float in [0, 1) (fraction of all steps)",
+    "seq_length": lambda v: None if v <= MAX_SEQ_LENGTH else f"must be at most {MAX_SEQ_LENGTH}, got {v}",
+    "coba_tau": lambda v: None if v > 0 else f"must be > 0 (a temperature), got {v}",
+    "selfpaced_scale_factor": lambda v: None if v >= 0 else f"must be >= 0 (an inverse temperature), got {v}",
+    "tokenize_workers": lambda v: None if v <= 1024 else f"must be at most 1024, got {v}",
+    "init_timeout_seconds": lambda v: None if v is None or v <= 10**9 else f"must be at most 1e9 seconds, got {v}",
+    "sampling_temperature": lambda v: None if v is None or v > 0 else f"must be > 0 or null, got {v}",
+    "fim_rate": lambda v: None if all(0 <= r <= 1 for r in (v if isinstance(v, list) else [v]))
+    else f"rates must be numbers in [0, 1], got {v!r}",
+    "fim_spm_rate": lambda v: None if all(0 <= r <= 1 for r in (v if isinstance(v, list) else [v]))
+    else f"rates must be numbers in [0, 1], got {v!r}",
 }
 
 CHOICES = {
@@ -346,6 +362,16 @@ RULES = [
     ("role_markers", lambda c: any(not isinstance(c.role_markers[k], str) for k in ROLE_KEYS),
      lambda c: f"{next(k for k in ROLE_KEYS if not isinstance(c.role_markers[k], str))!r} must be a string"),
     ("eos_token", lambda c: c.eos_token == "", lambda c: "must be a non-empty token string or null, got ''"),
+    ("output_dir", lambda c: not c.output_dir.strip(), lambda c: "must name a directory, got an empty string"),
+    ("data_split", lambda c: c.split_fractions()[0] == 0,
+     lambda c: f"{c.data_split!r} leaves no training samples (its first share is 0)"),
+    ("seq_length", lambda c: c.per_device_train_batch_size * c.seq_length >= 1 << 31,
+     lambda c: f"per_device_train_batch_size x seq_length = {c.per_device_train_batch_size * c.seq_length} tokens "
+               "per micro-batch; the document boundaries are int32: keep it below 2**31"),
+    ("model_config", lambda c: c.model_config is not None and not isinstance(c.model_config.get("model_type"), str),
+     lambda c: f"model_type must be a string such as \"llama\", got {c.model_config.get('model_type')!r}"),
+    ("target_modules", lambda c: c.target_modules == [] or c.target_modules == "",
+     lambda c: "must name at least one module, or be null / \"all-linear\""),
     ("eval_benchmarks", lambda c: not all(isinstance(e, dict) for e in c.eval_benchmarks or []),
      lambda c: "expected a list of objects {name, file, k, n, max_new_tokens, every_steps, ...}"),
     ("metric_for_best", lambda c: c.metric_for_best not in (None, "loss") and not c.eval_benchmarks,
@@ -423,9 +449,33 @@ def check_types(raw: dict, source: str) -> None:
             raise ConfigError(f"{source}: {key}: expected {describe(hints[key])}, got {json.dumps(value)[:80]}")
 
 
-def parse_value(text: str) -> Any:
-    """A command-line override value: JSON when it parses (numbers, true, null, lists), else the raw string."""
+def check_finite(raw: dict, source: str) -> None:
+    """No NaN or infinity anywhere in a config (json reads NaN and Infinity), and no integer beyond MAX_INT."""
+    for key, value in raw.items():
+        stack = [("", value)]
+        while stack:
+            where, v = stack.pop()
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{source}: {key}{where}: must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+                raise ConfigError(f"{source}: {key}{where}: {str(v)[:30]}... is out of range (at most 2**62)")
+            if isinstance(v, dict):
+                stack.extend((f"{where}.{k}", x) for k, x in v.items())
+            elif isinstance(v, list):
+                stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+
+
+def read_config(path: str) -> dict:
+    """The raw key -> value dict of a config file: the one place config files are read and parsed."""
+    return read_json_object(path, f"{path}: config file not found")
+
+
+def parse_value(text: str, key: str = "value") -> Any:
+    """A command-line override value: JSON when it parses (numbers, true, null, lists), else the raw string.
+    Text that is JSON but breaks the strict reader's rules (duplicate keys, nesting) is an error."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+        return parse_json(text)
+    except JsonProblem as p:
+        if p.reason.startswith("invalid JSON"):
+            return text
+        raise ConfigError(f"override {key}: {p.reason}") from None

@@ -24,9 +24,22 @@ class TrainingError(MftcoreError):
 
 
 class TrainingInterrupted(MftcoreError):
-    """SIGTERM: the run saved a checkpoint at the end of the current step and stopped."""
+    """SIGTERM or Ctrl-C: the run saved a checkpoint at the end of the current step and stopped."""
 
-    exit_code = 143  # 128 + SIGTERM, what a scheduler expects of a terminated job
+    exit_code = 143  # 128 + SIGTERM, what a scheduler expects of a terminated job; 130 for Ctrl-C (SIGINT)
+
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Interrupted(MftcoreError):
+    """SIGTERM or Ctrl-C outside the training loop (tokenizing, loading, saving): what was being written
+    is removed, nothing half-written stays; exit code 128 + the signal, as a shell reports it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class SandboxError(MftcoreError):

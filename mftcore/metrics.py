@@ -15,15 +15,17 @@ peak of the GPU from PEAK_TFLOPS below (no MFU on CPU, or in fp32, without `peak
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import sys
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from mftcore.io import METRICS_FILE, atomic_write_text
+from mftcore.io import METRICS_FILE, AppendFile, atomic_write_text, open_regular, write_guard
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4), ("A100", 312.0),
@@ -42,15 +44,15 @@ class Metrics:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, METRICS_FILE)
         # A fresh run starts a fresh file; a resumed one drops what the stopped run logged after its
         # checkpoint (those steps run again) and appends; TensorBoard purges the same steps.
         if initial_step:
             keep_records_up_to(path, initial_step)
-        self.jsonl = open(path, "a" if initial_step else "w", encoding="utf-8")
-        self.tb = SummaryWriter(tb_dir or os.path.join(output_dir, "tensorboard"),
-                                purge_step=initial_step + 1 if initial_step else None)
+        self.jsonl = AppendFile(path, truncate=not initial_step)
+        self.tb_dir = tb_dir or os.path.join(output_dir, "tensorboard")
+        with write_guard(self.tb_dir):
+            self.tb = SummaryWriter(self.tb_dir, purge_step=initial_step + 1 if initial_step else None)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
     def advance(self, postfix: dict | None = None) -> None:
@@ -67,26 +69,38 @@ class Metrics:
             return
         task_values = task_values or {}
         record = {"step": step, "split": split, **scalars, "task_loss": task_loss, **task_values}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for key, value in scalars.items():
-            if isinstance(value, (int, float)):  # None (e.g. no MFU on CPU) stays out of TensorBoard
-                self.tb.add_scalar(f"{key}/{split}", value, step)
-        for task, value in task_loss.items():
-            self.tb.add_scalar(f"{task}_loss/{split}", value, step)
-        for key, per_task in task_values.items():
-            for task, value in per_task.items():
-                self.tb.add_scalar(f"{task}_{key.removeprefix('task_')}/{split}", value, step)
+        self.jsonl.append(json.dumps(record) + "\n")  # whole or not at all, even on a full disk
+        with write_guard(self.tb_dir):  # TensorBoard's writer thread re-raises its write errors here
+            for key, value in scalars.items():
+                if isinstance(value, (int, float)):  # None (e.g. no MFU on CPU) stays out of TensorBoard
+                    self.tb.add_scalar(f"{key}/{split}", value, step)
+            for task, value in task_loss.items():
+                self.tb.add_scalar(f"{task}_loss/{split}", value, step)
+            for key, per_task in task_values.items():
+                for task, value in per_task.items():
+                    self.tb.add_scalar(f"{task}_{key.removeprefix('task_')}/{split}", value, step)
 
     def print(self, message: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(message)
 
+    def abort(self) -> None:
+        """The run is failing: end the progress bar's line (so the error is a line of its own), close the
+        files; errors of their own (a full disk) are not allowed to hide the one being raised."""
+        if self.enabled and self.bar is not None:
+            with contextlib.suppress(Exception):
+                self.bar.close()
+            self.jsonl.close()
+            with contextlib.suppress(Exception):
+                self.tb.close()
+            self.enabled = False
+
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.tb.close()
             self.jsonl.close()
+            with write_guard(self.tb_dir):
+                self.tb.close()
 
 
 class Window:
@@ -133,12 +147,29 @@ class Window:
 
 
 def keep_records_up_to(path: str, step: int) -> None:
-    """Rewrite metrics.jsonl (atomically) without the records after `step`."""
+    """Rewrite metrics.jsonl (atomically) without the records after `step`. A last line without its
+    newline is what a writer killed mid-append (or an older version on a full disk) left: dropped, as is
+    any line that is not a JSON record (it could only be damage), with a note."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(lines))
+    with open_regular(path, what="metrics file") as f:
+        raw = f.read()
+    kept, damaged = [], 0
+    for line in raw.split(b"\n")[:-1] if raw.endswith(b"\n") else raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            damaged += 1
+            continue
+        if not isinstance(record.get("step", 0), (int, float)) or record.get("step", 0) <= step:
+            kept.append(line.decode("utf-8") + "\n")
+    if damaged:
+        print(f"mftcore: note: {path}: dropped {damaged} damaged line(s) (a write cut short)", file=sys.stderr)
+    atomic_write_text(path, "".join(kept))
 
 
 # --- FLOPs, MFU, memory ------------------------------------------------------------------------

@@ -32,6 +32,13 @@ LIST_KEYS = ("data_paths", "task_weights", "target_modules", "data_weights")  # 
 REMOTE_CODE_ONLY = ("aquila2", "baichuan", "chatglm2", "chatglm3", "qwen")
 
 
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the type check names it
+
+
 def _only(expected, hint: str) -> Callable[[object], Optional[str]]:
     return lambda v: None if v == expected else f"{v!r} is not supported; {hint}"
 
@@ -100,6 +107,9 @@ def normalise(raw: dict, source: str = "config") -> dict:
     for key in LIST_KEYS:
         if out.get(key) and not (key == "target_modules" and out[key] == "all-linear"):
             out[key] = parse_list(out[key], key, source)
+    for key in ("task_weights", "data_weights"):
+        if isinstance(raw.get(key), str):  # "[1,2]": the weights arrive as text
+            out[key] = [_number(w) for w in out[key]]
     if isinstance(out.get("distributed_type"), str):
         out["distributed_type"] = out["distributed_type"].lower()
     check_model_type(out.get("model_type"), source)

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,10 +39,11 @@ from mftcore.model.build import build_model, compute_dtype
 from mftcore.model.chat_template import set_stop_tokens, set_training_template
 from mftcore.model.compile import compiled_loss
 from mftcore.model.decoder import causal_lm
-from mftcore.model.load import load_tokenizer
+from mftcore.model.load import check_model_config, check_vocabulary, load_tokenizer
 from mftcore.model.loss_model import LossModel
 from mftcore.model.moe import moe_spec
 from mftcore.optim import build_optimizer, build_scheduler
+from mftcore.outputs import RunLock, check_train_paths
 from mftcore.parallel.comm import sum_numbers, sum_over_ranks
 from mftcore.parallel.engine import SKIP_REASONS
 from mftcore.parallel.tuning import run_shapes, share_kernel_tuning
@@ -53,7 +55,14 @@ def train(cfg: TrainConfig) -> str:
     every rank runs this; the engine is cfg.distributed_type (mftcore/parallel/)."""
     env = parallel.setup(cfg)
     try:
-        return train_loop(build_run(cfg, env))
+        check_train_paths(cfg)
+        with RunLock(cfg.output_dir, enabled=env.rank == 0):  # before anything in output_dir is touched
+            run = build_run(cfg, env)
+            try:
+                return train_loop(run)
+            except BaseException:
+                run.metrics.abort()  # the progress bar's line ended, so the error prints as a line of its own
+                raise
     finally:
         parallel.teardown(env)
 
@@ -86,12 +95,12 @@ def train_loop(run: "Run") -> str:
             due = run.benchmarks.due(step, run.total_steps) if run.benchmarks is not None else []
             if due:  # evaluate: the code benchmarks, each on its own schedule
                 improved |= log_benchmarks(run, step, run.benchmarks.evaluate(step, due))
-            epoch_end = run.position["step_in_epoch"] == run.loader.steps_per_epoch(run.position["epoch"])
+            epoch_end = run.loader.epoch_ended(run.position)
             if should_checkpoint(cfg, step, run.total_steps, epoch_end=epoch_end, improved=improved,
                                  stopping=bool(stopping) or state.early_stopped or run.diverged):
                 run.diverged |= count_skips(run, window.take_skips())  # the checkpoint counts every step
                 path = save(run, step)  # save
-                stop_if_asked(run, step, path, stopping=bool(stopping))  # stop
+                stop_if_asked(run, step, path, stopping=(stop.requested or signal.SIGTERM) if stopping else 0)  # stop
     return finish(run)
 
 
@@ -195,11 +204,12 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     device = env.device
     check_benchmarks(cfg)  # their config errors before anything loads
     torch.manual_seed(cfg.seed)
-    resume_from = checkpoint.resolve_resume(cfg)
+    resume_from = checkpoint.resolve_resume(cfg, env.rank)
     if env.rank == 0:
         remove_leftovers(cfg.output_dir)
 
     tokenizer = load_tokenizer(cfg)
+    check_model_config(cfg, len(tokenizer))  # before the data: a bad model_config fails in seconds
     pad_id = tokenizer.eos_token_id  # MFTCoder pads with EOS; padding never reaches the loss
     data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id, local_rank=env.local_rank)
     parallel.join(env, cfg.init_timeout_seconds)  # after the data: tokenizing forks, which must precede threads
@@ -214,6 +224,7 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
                                  enabled=own_precision and dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and own_precision else None
     model = build_model(cfg, len(tokenizer), device, place=not engine_class.shards_model)
+    check_vocabulary(model, tokenizer, data.report)
     lm = causal_lm(model)
     moe = moe_spec(lm.config, cfg.router_aux_loss_coef)
     n_params = sum(p.numel() for p in model.parameters())  # before sharding, which hides sizes from ZeRO-3
@@ -228,7 +239,12 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
                         accumulation=cfg.gradient_accumulation_steps, pad_id=pad_id, seed=cfg.seed, rank=env.rank,
                         world_size=env.world_size, pack=cfg.padding_mode == "pack", seq_length=cfg.seq_length,
                         mixture=build_mixture(cfg, data.train, K))
-    total_steps = cfg.max_train_steps or sum(loader.steps_per_epoch(e) for e in range(cfg.num_train_epochs))
+    saved_state = checkpoint.read_state(resume_from) if resume_from else None
+    if saved_state is not None:  # the position first: a resume with another step size plans its own steps
+        checkpoint.check_same_model(resume_from, cfg.to_dict())
+        loader.load_state_dict(saved_state["data"])
+    total_steps = cfg.max_train_steps or ((saved_state or {}).get("step", 0)
+                                          + loader.remaining_steps(cfg.num_train_epochs))
     scheduler = build_scheduler(engine.optimizer, cfg, total_steps)
     weighting = build_weighting(cfg, K)
     sampler = ValidationSampler(data.valid, cfg.per_device_eval_batch_size, pad_id) if weighting else None
@@ -269,11 +285,12 @@ def resume(run: Run, path: str) -> dict:
     defaults = TrainerState()
     for key in asdict(defaults):
         setattr(run.state, key, saved.get(key, getattr(defaults, key)))
-    run.loader.load_state_dict(saved["data"])
-    run.position = run.loader.state_dict()
-    if run.weighting is not None:
-        run.weighting.load_state_dict(saved["loss_mode"])
-        run.sampler.load_state_dict(saved["valid_sampler"])
+    with checkpoint.load_errors(path):  # the loop's states are read from JSON: one line if they do not fit
+        run.loader.load_state_dict(saved["data"])
+        run.position = run.loader.state_dict()
+        if run.weighting is not None:
+            run.weighting.load_state_dict(saved["loss_mode"])
+            run.sampler.load_state_dict(saved["valid_sampler"])
     checkpoint.restore_checkpoint_rng(path, run.env.rank)
     return saved
 
@@ -422,8 +439,9 @@ def stop_if_asked(run: Run, step: int, path: str, *, stopping: bool) -> None:
             f"Lower learning_rate or check the data, then resume")
     if stopping:
         run.metrics.close()
-        raise TrainingInterrupted(f"stopped by SIGTERM after step {step}; checkpoint saved to {path} "
-                                  f"(resume with resume_from_checkpoint=auto)")
+        signum = int(stopping)  # this rank's signal (another rank's, SIGTERM, when only that one had one)
+        raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to "
+                                  f"{path} (resume with resume_from_checkpoint=auto)", signum)
 
 
 def finish(run: Run) -> str:
@@ -443,19 +461,27 @@ def finish(run: Run) -> str:
 
 
 class StopRequest:
-    """SIGTERM sets a flag; the loop finishes the current step, saves a checkpoint and stops."""
+    """SIGTERM or Ctrl-C (SIGINT) sets `requested` to the signal's number; the loop finishes the current
+    step, saves a checkpoint and stops. A second Ctrl-C stops at once (the last checkpoint stays)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.requested, self.previous = 0, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self.handle)
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        if signum == signal.SIGINT:
+            print("\nmftcore: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops now)",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)

@@ -5,4 +5,4 @@ import torch
 # 2-core machine, 0.6 s / 1.2 s with one.
 torch.set_num_threads(1)
 
-pytest_plugins = ["tests.helpers.fixtures"]
+pytest_plugins = ["tests.helpers.fixtures", "tests.helpers.fault_fixtures"]

@@ -77,3 +77,34 @@ def test_bad_data_line_from_the_cli(tmp_path, tiny_config):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"mftcore: error: {bad / 'd.jsonl'}:2: invalid JSON: "
                                                 "Expecting property name enclosed in double quotes (column 2)"]
+
+
+def test_every_numeric_key_has_a_range():
+    """A key typed int or float (alone or in an Optional/Union) is checked against a range, not only a
+    type: a new numeric key without one fails here."""
+    import dataclasses
+    import typing
+
+    from mftcore import config
+
+    checked = set(config.POSITIVE_INTS) | set(config.NON_NEGATIVE_INTS) | set(config.POSITIVE_INTS_OR_NULL) \
+        | set(config.NON_NEGATIVE_NUMBERS) | set(config.RANGES)
+    hints = typing.get_type_hints(TrainConfig)
+    numeric = [f.name for f in dataclasses.fields(TrainConfig)
+               if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))]
+    assert numeric and [name for name in numeric if name not in checked] == []
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+    ("[" * 65 + "]" * 65, "nested more than 64"),
+    ('{"a": "\\ud800"}', "lone surrogate"),
+    (b'{"a": "\xff"}', "invalid UTF-8"),
+    (b"\xff\xfe{}", "UTF-16"),
+])
+def test_the_strict_json_reader(text, problem):
+    from mftcore.io import JsonProblem, parse_json
+
+    with pytest.raises(JsonProblem, match=problem):
+        parse_json(text)
+    assert parse_json(b'\xef\xbb\xbf{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a BOM, a surrogate pair

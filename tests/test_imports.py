@@ -9,7 +9,8 @@ from tests.helpers.paths import ROOT
 
 # Bottom first. A module may import from its own layer (if that makes no cycle) or any layer below.
 LAYERS = [
-    ("errors", "io", "_packing", "kernels", "sandbox"),  # kernels import nothing of mftcore: other trainers embed them
+    # kernels import nothing of mftcore: other trainers embed them
+    ("errors", "io", "integrity", "outputs", "_packing", "kernels", "sandbox"),
     ("mftcoder", "data"),
     ("model",),
     ("loss", "weighting", "metrics", "optim", "parallel"),

@@ -9,12 +9,12 @@ rendered and how a completion becomes a program is prompts.py's business.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from mftcore.errors import DataError
+from mftcore.io import JsonProblem, open_regular, parse_json
 
 HF_PREFIX = "hf:"
 
@@ -85,15 +85,19 @@ def problem_from_record(record, tag: Optional[str] = None, index: int = 0) -> Pr
 
 
 def read_jsonl(path: str, tag: Optional[str]) -> list:
+    """Problems from a JSONL file, read by the guarded path and the strict JSON reader (mftcore/io.py):
+    invalid UTF-8, duplicate keys or a line nested too deep are `file:line` errors."""
     problems = []
-    with open(path, encoding="utf-8") as f:
+    with open_regular(path, DataError, what="benchmark file") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                problems.append(problem_from_record(json.loads(line), tag, len(problems)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+                record = parse_json(line)
+            except JsonProblem as e:
+                raise DataError(f"{path}:{lineno}: {e.reason}") from None
+            try:
+                problems.append(problem_from_record(record, tag, len(problems)))
             except ValueError as e:
                 raise DataError(f"{path}:{lineno}: {e}") from None
     return problems

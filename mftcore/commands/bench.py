@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from mftcore.errors import MftcoreError
+from mftcore.outputs import check_output
 
 # One entry per bench/bench_<name>.py; a name stays here when a build lacks its script, so that the
 # command can say so (tests/bench/test_bench.py checks this table against the checkout's files).
@@ -46,5 +47,7 @@ def bench_command(script: str, device: str, quick: bool, out: str | None) -> lis
 
 def run_benchmark(name: str, device: str = "auto", quick: bool = False, out: str | None = None) -> int:
     """Run bench/bench_<name>.py here, its output on this terminal; its exit code (128+N if killed by N)."""
+    if out is not None:  # the script writes it: refused here if it would land on a run or an input
+        check_output(out, "--json", {"benchmark scripts": find_bench_dir()}, file=True)
     code = subprocess.run(bench_command(find_script(name, find_bench_dir()), device, quick, out)).returncode
     return code if code >= 0 else 128 - code

@@ -16,6 +16,7 @@ from mftcore.codeeval.benchmarks import read_benchmark
 from mftcore.codeeval.harness import evaluate_benchmark
 from mftcore.codeeval.spec import BenchmarkSpec, check_spec
 from mftcore.io import atomic_write_text
+from mftcore.outputs import check_output
 from mftcore.sandbox import check_platform
 
 
@@ -38,12 +39,14 @@ def evaluate_model(model_dir: str, benchmark: str, *, adapter: str | None = None
     spec = BenchmarkSpec(name=name or default_name(benchmark), file=benchmark,
                          **{k: v for k, v in options.items() if v is not None})
     check_spec(spec, "eval")
+    output = output or f"{spec.name}.results.jsonl"
+    local = benchmark if os.path.exists(benchmark) else None  # an hf: name is not a path
+    check_output(output, "--output", {"benchmark": local, "model": model_dir, "adapter": adapter}, file=True)
     problems = read_benchmark(benchmark, split=spec.split, tag=spec.tag, limit=spec.limit)
     check_platform()  # a platform the sandbox refuses: one line now, before the model loads
     gen = load_generator(model_dir, adapter, trust_remote_code)
     with tqdm(total=len(problems) * spec.n, desc="generate", unit="completion") as bar:
         result = evaluate_benchmark(gen, problems, spec, seed=spec.seed, progress=bar.update)
-    output = output or f"{spec.name}.results.jsonl"
     atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records()))
     print(result.table(), file=stream)
     print(f"sandbox: {', '.join(result.capabilities)}", file=stream)

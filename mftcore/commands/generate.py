@@ -18,11 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from mftcore.data.encode import parse_line, read_errors
 from mftcore.data.render import DEFAULT_ROLE_MARKERS, RenderError, render_record, tokenize_segments
 from mftcore.data.template import generation_prompt_ids, to_messages
 from mftcore.errors import ConfigError, DataError
-from mftcore.io import atomic_write_text
+from mftcore.integrity import irregular_file, weights_problem
+from mftcore.io import atomic_write_text, open_regular
 from mftcore.model.chat_template import saved_chat_format, stop_token_ids
+from mftcore.model.load import check_vocabulary, load_hf_tokenizer
+from mftcore.outputs import check_output
 
 
 @dataclass
@@ -64,28 +68,42 @@ class Generator:
 
 def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code: bool = False) -> Generator:
     """The model (with its LoRA adapter applied, if any), its tokenizer and its training role markers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(model_dir):
         raise ConfigError(f"--model: {model_dir}: not a directory")
     if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise ConfigError(f"--adapter: {adapter}: no adapter_config.json (not a PEFT adapter directory)")
+    if adapter is not None and weights_problem(adapter):
+        raise ConfigError(f"--adapter: {adapter}: {weights_problem(adapter)}")
     tokenizer_dir = next((d for d in (adapter, model_dir)
                           if d is not None and os.path.isfile(os.path.join(d, "tokenizer_config.json"))), None)
     if tokenizer_dir is None:  # e.g. a checkpoint-N directory, which holds weights only
         raise ConfigError(f"--model: {model_dir}: no tokenizer_config.json beside the weights; "
                           "use OUTPUT_DIR/final or a merged model")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    tokenizer = load_hf_tokenizer(tokenizer_dir, "--adapter" if tokenizer_dir == adapter else "--model",
+                                  trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"--model: {model_dir}: the tokenizer has no eos_token")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    problem = irregular_file(model_dir) or weights_problem(model_dir)
+    if problem:
+        raise ConfigError(f"--model: {model_dir}: {problem}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ConfigError(f"--model: {model_dir}: the model needs its own code; pass --trust_remote_code only "
+                              "if you trust it") from None
+        raise ConfigError(f"--model: {model_dir}: cannot be loaded ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
     if adapter is not None:
         from mftcore.commands.merge import apply_adapter
 
         model = apply_adapter(model, adapter, model_dir)
     model.to(device).eval()
+    check_vocabulary(model, tokenizer, where="--model")
     chat_format, markers, _ = saved_chat_format(adapter, model_dir)
     try:
         stops = tuple(stop_token_ids(tokenizer, chat_format))
@@ -120,19 +138,18 @@ def prompt_ids(gen: Generator, record: dict) -> list:
 
 
 def read_prompts(path: str) -> list:
-    """prompts.jsonl -> records; a bad line is a DataError naming file:line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: prompt file not found")
+    """prompts.jsonl -> records, through the guarded read path (a regular file) and the strict JSON
+    reader of the training data; a bad line (invalid UTF-8 or JSON, no prompt) is a DataError naming
+    file:line."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open_regular(path, DataError, missing=f"{path}: prompt file not found", what="prompt file") as f, \
+            read_errors(path):
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_line(raw)
                 render_record({"chat_rounds": prompt_rounds(record)}, DEFAULT_ROLE_MARKERS)  # validates roles
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
             except RenderError as e:
                 raise DataError(f"{path}:{lineno}: {e}") from None
             records.append(record)
@@ -226,6 +243,13 @@ def answer(model_dir: str, adapter: str | None = None, *, prompt: str | None = N
         raise ConfigError("generate: give exactly one of --prompt and --file")
     if system is not None and file is not None:
         raise ConfigError("--system: only with --prompt (put \"system\" in the lines of --file)")
+    if output is not None:
+        check_output(output, "--output", {"prompt file": file, "model": model_dir, "adapter": adapter}, file=True)
+    for flag, text in (("--prompt", prompt), ("--system", system)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+            raise ConfigError(f"{flag}: not valid UTF-8 text") from None
     records = read_prompts(file) if file is not None else None
     gen = load_generator(model_dir, adapter, trust_remote_code)
     if prompt is not None:

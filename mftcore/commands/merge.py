@@ -11,16 +11,20 @@ else MFTCoder's defaults), and that config is saved beside the model for `mftcor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import torch
 
 from mftcore.errors import ConfigError
+from mftcore.integrity import irregular_file, weights_problem
 from mftcore.io import CONFIG_FILE, atomic_dir, atomic_write_json, read_json_object
 from mftcore.mftcoder import check_model_type
 from mftcore.model.chat_template import saved_chat_format, set_training_template
 from mftcore.model.families import check_model_matches, resolve_eos_token
+from mftcore.model.load import load_hf_tokenizer
+from mftcore.outputs import check_output, is_model_dir
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -28,10 +32,29 @@ DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, 
 def check_inputs(base: str, adapter: str, out: str) -> None:
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise ConfigError(f"--base: {base}: no config.json (not an HF model directory)")
+    for flag, d in (("--base", base), ("--adapter", adapter)):
+        if os.path.isdir(d) and irregular_file(d):
+            raise ConfigError(f"{flag}: {d}: {irregular_file(d)}")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise ConfigError(f"--adapter: {adapter}: no adapter_config.json (not a PEFT adapter directory)")
-    if os.path.abspath(out) in (os.path.abspath(base), os.path.abspath(adapter)):
-        raise ConfigError(f"--out: {out}: would overwrite an input; choose a new directory")
+    problem = weights_problem(adapter) if os.path.exists(os.path.join(adapter, "adapter_model.safetensors")) else None
+    if problem:
+        raise ConfigError(f"--adapter: {adapter}: {problem}")
+    # --out must not be, contain or (existing) lie inside an input or a training run (mftcore/outputs.py)
+    check_output(out, "--out", {"base model": base, "adapter": adapter}, replaceable=is_model_dir)
+
+
+@contextlib.contextmanager
+def base_errors(base: str):
+    """transformers' failures to read the base model as one line (custom code it may not run included)."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ConfigError(f"--base: {base}: the model needs its own code; pass --trust_remote_code only if "
+                              "you trust it") from None
+        raise ConfigError(f"--base: {base}: cannot be loaded ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
 
 
 def apply_adapter(model, adapter: str, base: str):
@@ -48,10 +71,8 @@ def apply_adapter(model, adapter: str, base: str):
 
 def load_merge_tokenizer(base: str, adapter: str, model_type: str | None, trust_remote_code: bool):
     """The adapter's tokenizer when it saved one (training may have set EOS), else the base's."""
-    from transformers import AutoTokenizer
-
     source = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer = load_hf_tokenizer(source, "--adapter" if source == adapter else "--base", trust_remote_code)
     eos = resolve_eos_token(tokenizer, model_type)
     if eos is None:
         raise ConfigError(f"--base: {source}: the tokenizer has no eos_token (and --model_type gives none)")
@@ -69,14 +90,19 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     check_model_type(model_type, "--model_type")
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    with base_errors(base):
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     check_model_matches(model_type, config)
     tokenizer = load_merge_tokenizer(base, adapter, model_type, trust_remote_code)
     chat_format, markers, markers_from = saved_chat_format(adapter, base)
+    problem = weights_problem(base)
+    if problem:
+        raise ConfigError(f"--base: {base}: {problem}")
 
     log(f"loading {base} ({dtype})")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    with base_errors(base):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     log(f"merging {adapter}")
     merged = apply_adapter(model, adapter, base).merge_and_unload()
     set_training_template(tokenizer, chat_format, markers)

@@ -1,11 +1,13 @@
 """The tokenized-data cache: built once (`mftcore prepare`, or the first `train`), memory-mapped after.
 
 An entry is a directory `<cache_dir>/<digest>/` named by the hash of everything the tokens depend on
-(the cache key): each task directory with every *.jsonl file's relative path, size and mtime, the
-tokenizer (a hash of its full serialisation), role markers, EOS id, seq_length, long_sample_policy
-and skip_bad_samples. Any change gives a new digest, hence a new entry; old entries stay until
+(the cache key): each task directory with every *.jsonl file's relative path and the SHA-256 of its
+bytes (mftcore/data/files.py: a file rewritten in place with the same size and mtime gets a new
+entry), the tokenizer (a hash of its full serialisation), role markers, EOS id, seq_length,
+long_sample_policy and skip_bad_samples. Any change gives a new digest, hence a new entry; old entries stay until
 deleted by hand. An entry holds
-    meta.json      the key, the task names and per-task counts (samples, truncated, dropped, skipped)
+    meta.json      the key, the task names and per-task counts (samples, truncated, dropped, skipped,
+                   loss tokens, samples without one) and largest token id (with its file:line)
     input_ids.bin  int32 token ids of all samples back to back (tasks in data_paths order)
     loss_mask.bin  uint8, aligned with input_ids (1 = training target)
     offsets.npy    int64 [N+1] sample boundaries in input_ids
@@ -21,22 +23,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
-from collections import deque
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from mftcore.data.encode import EncodeSpec, encode_job, encode_lines, init_worker, read_chunks
+from mftcore.data.encode import EncodeSpec, encode_lines, read_chunks
+from mftcore.data.files import content_digests, jsonl_files
 from mftcore.data.formats import encode_options, format_key
 from mftcore.data.sources import dataset_sources, location, task_path
+from mftcore.data.workers import EncoderProcesses
 from mftcore.errors import DataError
-from mftcore.io import atomic_dir, atomic_write_json, remove_abandoned
+from mftcore.io import atomic_dir, atomic_write_json, read_json_object, remove_abandoned, remove_dir
 
-FORMAT = 1  # bump when rendering or the layout changes: every old entry is then ignored
+FORMAT = 2  # bump when rendering or the layout changes: every old entry is then ignored (2: content keys)
 MAX_SKIP_EXAMPLES = 3
 
 
@@ -50,22 +52,6 @@ def task_names(paths: list) -> list:
             name, k = f"{base}_{k}", k + 1
         names.append(name)
     return names
-
-
-def jsonl_files(path: str) -> list:
-    """Every *.jsonl below a task directory (sorted, recursive), or the path itself if it is a file.
-    Hidden files and directories are left out, as MFTCoder's glob("**/*.jsonl") leaves them out."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: data path does not exist")
-    if os.path.isfile(path):
-        return [path]
-    files = []
-    for root, dirs, names in os.walk(path, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [os.path.join(root, n) for n in names if n.endswith(".jsonl") and not n.startswith(".")]
-    if not files:
-        raise DataError(f"{path}: no *.jsonl files in this task directory")
-    return sorted(files)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -86,16 +72,18 @@ def task_files(entry) -> list:
     return jsonl_files(task_path(entry)) if found is None else found
 
 
-def cache_key(cfg, tokenizer, eos_id: int) -> dict:
+def cache_key(cfg, tokenizer, eos_id: int, remember: bool = True) -> dict:
+    listed = [task_files(entry) for entry in cfg.data_paths]
+    digests = content_digests([f for found in listed for f in found if isinstance(f, str)], default_cache_dir(cfg),
+                              remember)
     tasks = []
-    for entry in cfg.data_paths:
+    for entry, found in zip(cfg.data_paths, listed):
         path, files = task_path(entry), []
-        for f in task_files(entry):
+        for f in found:
             if not isinstance(f, str):  # a dataset: its fingerprint
                 files.append(f.key())
                 continue
-            st = os.stat(f)
-            files.append([os.path.relpath(f, path) if f != path else os.path.basename(f), st.st_size, st.st_mtime_ns])
+            files.append([os.path.relpath(f, path) if f != path else os.path.basename(f), digests[f]])
         tasks.append({"path": os.path.abspath(path), "files": files})
     return {"format": FORMAT, "tasks": tasks, "tokenizer": tokenizer_fingerprint(tokenizer),
             "markers": cfg.role_markers, "eos_id": int(eos_id), "seq_length": cfg.seq_length,
@@ -118,15 +106,41 @@ def entry_dir(cfg, key: dict) -> str:
 def prepare_cache(cfg, tokenizer, eos_id: int, *, local_rank: int = 0, progress: bool = True,
                   wait_timeout: float = 24 * 3600) -> tuple[str, bool]:
     """The cache entry for this config: (directory, reused). Builds it when missing (local rank 0)."""
-    key = cache_key(cfg, tokenizer, eos_id)
+    key = cache_key(cfg, tokenizer, eos_id, remember=local_rank == 0)
     path = entry_dir(cfg, key)
     if os.path.isfile(os.path.join(path, "meta.json")):
-        return path, True
+        problem = entry_problem(path)
+        if problem is None:
+            return path, True
+        if local_rank != 0:
+            raise DataError(f"{path}: the data cache entry is damaged ({problem}); local rank 0 rebuilds it: run again")
+        print(f"mftcore: note: {path}: the data cache entry is damaged ({problem}); building it again",
+              file=sys.stderr)
+        remove_dir(path)  # derived data, rebuilt from the files below
     if local_rank != 0:
         wait_for(path, wait_timeout)
         return path, True
     build(path, key, cfg, tokenizer, eos_id, progress)
     return path, False
+
+
+def entry_problem(path: str) -> str | None:
+    """Why a finished cache entry cannot be read as it is (a file truncated or replaced since), or None."""
+    try:
+        meta = read_json_object(os.path.join(path, "meta.json"), error=DataError)
+        offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
+        n, tokens = int(meta["num_samples"]), int(offsets[-1])
+        for name, rows in (("task_ids.npy", n), ("sources.npy", n)):
+            if len(np.load(os.path.join(path, name), mmap_mode="r")) != rows:
+                return f"{name} does not match meta.json"
+        if len(offsets) != n + 1:
+            return "offsets.npy does not match meta.json"
+        for name, size in (("input_ids.bin", 4 * tokens), ("loss_mask.bin", tokens)):
+            if os.path.getsize(os.path.join(path, name)) != size:
+                return f"{name} is {os.path.getsize(os.path.join(path, name))} bytes, expected {size}"
+    except (DataError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return str(e).split(": ", 1)[-1][:200] or type(e).__name__
+    return None
 
 
 def wait_for(path: str, timeout: float) -> None:
@@ -145,24 +159,19 @@ def worker_count(cfg) -> int:
 
 def encoded_chunks(jobs, tokenizer, spec: EncodeSpec, workers: int):
     """Encode ((lines, first_line, task), tag) jobs, yielding (EncodedChunk, tag) in job order: in-process,
-    or in `workers` processes with a bounded number of chunks in flight, so that memory stays flat
-    however large the files are."""
+    or in `workers` processes (mftcore/data/workers.py) with one chunk in flight each, so that memory
+    stays flat however large the files are."""
     if workers <= 1:
         for (lines, first, task), tag in jobs:
             yield encode_lines(lines, first, tokenizer, spec, task), tag
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ctx.Pool(workers, initializer=init_worker, initargs=(tokenizer, spec)) as pool:
-        pending = deque()
-        for job, tag in jobs:
-            pending.append((pool.apply_async(encode_job, (job,)), tag))
-            if len(pending) >= 4 * workers:
-                result, done = pending.popleft()
-                yield result.get(), done
-        while pending:
-            result, done = pending.popleft()
-            yield result.get(), done
+    procs = EncoderProcesses(workers, tokenizer, spec)
+    try:
+        yield from procs.map_ordered(jobs)
+    except BaseException:  # an error, a signal, or the consumer stopped early (GeneratorExit)
+        procs.kill()
+        raise
+    procs.close()
 
 
 def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> None:
@@ -171,7 +180,8 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
                       **encode_options(cfg, tokenizer))
     files = [(t, f) for t, p in enumerate(cfg.data_paths) for f in task_files(p)]
     tasks = [{"name": n, "path": task_path(p), "samples": 0, "truncated": 0, "dropped": 0, "skipped": 0,
-              "skip_examples": []} for n, p in zip(task_names(cfg.data_paths), cfg.data_paths)]
+              "skip_examples": [], "loss_tokens": 0, "no_loss_samples": 0, "max_id": -1, "max_id_at": None}
+             for n, p in zip(task_names(cfg.data_paths), cfg.data_paths)]
     jobs = (((lines, first, t), (fi, size)) for fi, (t, f) in enumerate(files)
             for lines, first, size in (read_chunks(f) if isinstance(f, str) else f.chunks()))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -202,15 +212,37 @@ def build(path: str, key: dict, cfg, tokenizer, eos_id: int, progress: bool) -> 
                 task["samples"] += len(chunk.lengths)
                 task["truncated"] += chunk.truncated
                 task["dropped"] += chunk.dropped
+                task["loss_tokens"] += chunk.loss_tokens
+                task["no_loss_samples"] += chunk.no_loss
+                if chunk.max_id > task["max_id"]:
+                    task["max_id"], task["max_id_at"] = int(chunk.max_id), location(file, chunk.max_id_line)
                 bar.update(nbytes)
-        for task in tasks:
-            if task["samples"] == 0:
-                raise DataError(f"{task['path']}: the task has no samples"
-                                + (f" (all {task['skipped']} lines were bad)" if task["skipped"] else ""))
+        check_tasks(tasks, cfg)
         write_index(tmp, np.concatenate(lengths), np.concatenate(task_ids), np.concatenate(sources))
         meta = {"format": FORMAT, "key": key, "files": [str(f) for _, f in files], "tasks": tasks,
                 "num_samples": int(sum(t["samples"] for t in tasks))}
         atomic_write_json(os.path.join(tmp, "meta.json"), meta)
+
+
+def check_tasks(tasks: list, cfg) -> None:
+    """Every task must have samples and something to learn from. A task whose samples hold no loss token
+    (no assistant turn, or seq_length cuts every answer off) would train on nothing while weight decay
+    still moves the weights: an error, or with skip_bad_samples a warning in the start-up report."""
+    for task in tasks:
+        if task["samples"] == 0:
+            why = []
+            if task["skipped"]:
+                why.append(f"all {task['skipped']} lines were bad")
+            if task["dropped"]:
+                why.append(f"{task['dropped']} longer than seq_length={cfg.seq_length} were dropped "
+                           "(long_sample_policy \"drop\"; \"truncate\" keeps their beginning)")
+            raise DataError(f"{task['path']}: the task has no samples" + (f" ({'; '.join(why)})" if why else ""))
+    empty = [t for t in tasks if t["loss_tokens"] == 0]
+    if len(empty) == len(tasks) or (empty and not cfg.skip_bad_samples):
+        t = empty[0]
+        raise DataError(f"{t['path']}: the task has no loss tokens: none of its {t['samples']} samples has an "
+                        f"assistant answer within seq_length={cfg.seq_length}, so it would train on nothing"
+                        + ("" if len(empty) == len(tasks) else " (skip_bad_samples: true trains the other tasks)"))
 
 
 def write_index(directory: str, lengths: np.ndarray, task_ids: np.ndarray, sources: np.ndarray) -> None:
@@ -226,8 +258,7 @@ class SampleStore:
 
     def __init__(self, path: str):
         self.path = path
-        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-            self.meta = json.load(f)
+        self.meta = read_json_object(os.path.join(path, "meta.json"), error=DataError)
         self.offsets = np.load(os.path.join(path, "offsets.npy"), mmap_mode="r")
         self.task_ids = np.load(os.path.join(path, "task_ids.npy"), mmap_mode="r")
         self.sources = np.load(os.path.join(path, "sources.npy"), mmap_mode="r")

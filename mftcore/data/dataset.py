@@ -89,7 +89,9 @@ def load_tasks(cfg, tokenizer, eos_id: int, *, local_rank: int = 0, progress: bo
         valid.append(idx[n_train:n_train + n_valid])
         report[task["name"]] = {"samples": task["samples"], "train": n_train, "valid": n_valid,
                                 "truncated": task["truncated"], "dropped": task["dropped"],
-                                "skipped": task["skipped"], "skip_examples": task["skip_examples"]}
+                                "skipped": task["skipped"], "skip_examples": task["skip_examples"],
+                                "loss_tokens": task["loss_tokens"], "no_loss_samples": task["no_loss_samples"],
+                                "max_id": task["max_id"], "max_id_at": task["max_id_at"]}
     return TaskData(names, SampleView(store, np.concatenate(train)), SampleView(store, np.concatenate(valid)),
                     report, path, reused)
 
@@ -103,7 +105,12 @@ def report_lines(data: TaskData, cfg) -> list:
                 f"{r[verb]} longer than seq_length={cfg.seq_length} {verb}, {r['skipped']} bad lines skipped")
         if r["skip_examples"]:
             line += f" (first: {r['skip_examples'][0]})"
+        if r.get("no_loss_samples"):
+            line += f"; {r['no_loss_samples']} without any loss token"
         lines.append(line)
+        if r.get("loss_tokens") == 0:
+            lines.append(f"warning: task {name} has no loss tokens (no assistant answer within seq_length="
+                         f"{cfg.seq_length}): it trains nothing")
     return lines + mixture_lines(cfg, data.train, data.names)
 
 

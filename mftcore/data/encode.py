@@ -8,8 +8,8 @@ number and reason; the caller decides whether that stops the run or is counted a
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,8 @@ import numpy as np
 from mftcore.data.formats import render_samples
 from mftcore.data.render import RenderError, encode_texts, join_pieces
 from mftcore.data.template import TemplateText, tokenize_template_texts
+from mftcore.errors import DataError
+from mftcore.io import JsonProblem, open_regular, parse_json
 
 
 @dataclass(frozen=True)
@@ -43,18 +45,20 @@ class EncodedChunk:
     truncated: int = 0
     dropped: int = 0
     bad: list = field(default_factory=list)  # (line, reason) of each bad line
+    loss_tokens: int = 0  # targets after the shift (a sample's first token is never one)
+    no_loss: int = 0  # kept samples without any target (no answer, or truncated before it)
+    max_id: int = -1  # largest token id in the kept samples, and the line of a sample holding it
+    max_id_line: int = 0
 
 
 def parse_line(raw: bytes):
-    """A JSON object from one raw line, or RenderError with the reason (invalid UTF-8, invalid JSON)."""
+    """A JSON value from one raw line by the strict reader (mftcore.io.parse_json: UTF-8 with an optional
+    byte-order mark, no duplicate keys, no lone surrogates, no nesting that overflows the parser), or
+    RenderError with the reason. Records are not walked for depth: rendering reads only known keys."""
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RenderError(f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        return json.loads(line.lstrip("\ufeff"))  # a byte-order mark, as editors on Windows write one
-    except json.JSONDecodeError as e:
-        raise RenderError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+        return parse_json(raw, max_depth=None)
+    except JsonProblem as e:
+        raise RenderError(e.reason) from None
 
 
 def encode_lines(lines, first_line: int, tokenizer, spec: EncodeSpec, task: int = 0) -> EncodedChunk:
@@ -75,7 +79,8 @@ def encode_lines(lines, first_line: int, tokenizer, spec: EncodeSpec, task: int 
     pieces = iter(encode_texts(tokenizer, texts))
     whole = iter(tokenize_template_texts(tokenizer, [s for _, s in rendered if isinstance(s, TemplateText)]))
     ids, mask, lengths, kept_lines = [], [], [], []
-    truncated = dropped = 0
+    truncated = dropped = loss_tokens = no_loss = 0
+    max_id, max_id_line = -1, 0
     for line, segments in rendered:
         if isinstance(segments, TemplateText):
             s_ids, s_mask = next(whole)
@@ -90,30 +95,39 @@ def encode_lines(lines, first_line: int, tokenizer, spec: EncodeSpec, task: int 
         mask.extend(s_mask)
         lengths.append(len(s_ids))
         kept_lines.append(line)
+        targets = sum(s_mask[1:])
+        loss_tokens, no_loss = loss_tokens + targets, no_loss + (targets == 0)
+        top = max(s_ids, default=-1)
+        if top > max_id:
+            max_id, max_id_line = top, line
     return EncodedChunk(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8),
                         np.asarray(lengths, dtype=np.int64), np.asarray(kept_lines, dtype=np.int64),
-                        truncated, dropped, bad)
+                        truncated, dropped, bad, loss_tokens, no_loss, max_id, max_id_line)
 
 
-# --- worker-process side: the tokenizer and spec are set once per process by the pool initializer ---
-_WORKER = {}
-
+# --- worker-process side (mftcore/data/workers.py) ---
 
 def init_worker(tokenizer, spec: EncodeSpec) -> None:
     # A forked child must not start the tokenizer's own thread pool (it may inherit a locked one);
     # the processes are the parallelism here.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tokenizer"], _WORKER["spec"] = tokenizer, spec
+    # Ctrl-C reaches the whole process group: the parent stops the pool and reports it in one line;
+    # a worker printing its own KeyboardInterrupt traceback would only add noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (a scheduler signalling the whole process group) ends the worker quietly; the parent
+    # reports it in one line and stops the others with SIGKILL.
+    signal.signal(signal.SIGTERM, exit_quietly)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # blocked by the parent
 
 
-def encode_job(job: tuple) -> EncodedChunk:
-    lines, first_line, *task = job
-    return encode_lines(lines, first_line, _WORKER["tokenizer"], _WORKER["spec"], *task)
+def exit_quietly(signum, frame):
+    raise SystemExit(128 + signum)  # an int code: multiprocessing exits with it and prints nothing
 
 
 def read_chunks(path: str, max_lines: int = 512, max_bytes: int = 1 << 22):
-    """(lines, first_line, nbytes) runs of one file, in order; lines keep their raw bytes."""
-    with open(path, "rb") as f:
+    """(lines, first_line, nbytes) runs of one file, in order; lines keep their raw bytes. The file is
+    opened by the guarded path (regular files only); a read error names the file."""
+    with open_regular(path, DataError, what="data file") as f, read_errors(path):
         lines, first, size = [], 1, 0
         for number, raw in enumerate(f, start=1):
             if not lines:
@@ -125,3 +139,18 @@ def read_chunks(path: str, max_lines: int = 512, max_bytes: int = 1 << 22):
                 lines, size = [], 0
         if lines:
             yield lines, first, size
+
+
+class read_errors:
+    """An OSError while reading a data file (EIO, a file truncated by NFS) as one DataError line."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, OSError):
+            raise DataError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+        return False

@@ -10,8 +10,12 @@ without loss tokens, so that all ranks run the same micro-batches in every step.
 `gradient_accumulation_steps` micro-batches and never spans two epochs. With per-task sampling
 (`mixture`, mftcore/data/sampling.py) an epoch's order is its seeded draws instead of a permutation, a
 function of (seed, epoch) too; packed, the number of rows (so of steps) then varies from epoch to epoch,
-which `steps_per_epoch(epoch)` counts. The position (epoch, step within the epoch) is the whole state:
-`state_dict()` / `load_state_dict()` continue from exactly the next step.
+which `steps_per_epoch(epoch)` counts. The position (epoch, units of the epoch consumed: samples or
+draws, or packed rows) is the whole state: `state_dict()` / `load_state_dict()` continue from exactly
+the next unit. Resumed with another batch size, accumulation or number of ranks, the epoch continues
+from that unit in the new step size: no sample is skipped or repeated. Where no exact continuation
+exists (mid-epoch, with packing on another number of ranks, whose rows differ, or with other data),
+load_state_dict refuses in one line.
 
 `Prefetcher` runs `StepLoader.steps()` one step ahead in a background thread, so that collating the
 next step's batches (and pinning them, on a GPU) overlaps the current step; each Step carries the
@@ -30,6 +34,7 @@ import numpy as np
 from mftcore.data.batch import collate_packed, collate_padded, empty_batch
 from mftcore.data.dataset import epoch_order, micro_batches, sample_lengths
 from mftcore.data.packing import best_fit_decreasing, rows_from_bins
+from mftcore.errors import ConfigError, DataError
 
 
 def pack_epoch(lengths: np.ndarray, order: np.ndarray, seq_length: int, seed: int, epoch: int,
@@ -82,7 +87,9 @@ class StepLoader:
         self.pack, self.seq_length = pack, seq_length
         self.mixture = mixture  # mftcore/data/sampling.py: per-task draws of each epoch; None: each sample once
         self.rows_per_epoch = {}
-        self.epoch, self.step_in_epoch = 0, 0
+        self.epoch, self.step_in_epoch, self.consumed = 0, 0, 0
+        if not len(samples):  # an epoch without a step would loop forever looking for the next one
+            raise DataError("data_split: no training samples: every task's samples went to validation or test")
         if pack:
             if not seq_length:
                 raise ValueError("packing needs seq_length")
@@ -92,13 +99,39 @@ class StepLoader:
             self.num_rows = len(pack_epoch(self.lengths, np.arange(len(self.lengths)), seq_length, seed, 0,
                                            world_size))
 
-    def steps_per_epoch(self, epoch: int = 0) -> int:
-        """Steps of `epoch`: the same for every epoch, except packed rows of a mixture's varying draws."""
-        units = self.num_rows if self.pack else len(self.samples)
+    def epoch_units(self, epoch: int) -> int:
+        """Samples or draws (padding) or packed rows (pack) in `epoch`: the same for every epoch, except
+        packed rows of a mixture's varying draws."""
         if self.mixture is not None:
-            units = self.mixture_rows(epoch) if self.pack else len(self.mixture)
-        groups = math.ceil(units / (self.batch_size * self.world_size))
+            return self.mixture_rows(epoch) if self.pack else len(self.mixture)
+        return self.num_rows if self.pack else len(self.samples)
+
+    @property
+    def units(self) -> int:
+        """Units of the current epoch."""
+        return self.epoch_units(self.epoch)
+
+    @property
+    def units_per_step(self) -> int:
+        return self.batch_size * self.world_size * self.accumulation
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        return self.steps_left(0, epoch)
+
+    def steps_left(self, consumed: int, epoch: int | None = None) -> int:
+        """Steps from `consumed` units to the end of `epoch` (default: the current one)."""
+        units = self.units if epoch is None else self.epoch_units(epoch)
+        groups = math.ceil(max(units - consumed, 0) / (self.batch_size * self.world_size))
         return math.ceil(groups / self.accumulation)
+
+    def remaining_steps(self, epochs: int) -> int:
+        """Steps from the current position to the end of epoch `epochs` - 1."""
+        if self.epoch >= epochs:
+            return 0
+        return self.steps_left(self.consumed) + sum(self.steps_per_epoch(e) for e in range(self.epoch + 1, epochs))
+
+    def epoch_ended(self, position: dict) -> bool:
+        return position.get("consumed", 0) >= self.epoch_units(position.get("epoch", self.epoch))
 
     def mixture_rows(self, epoch: int) -> int:
         if epoch not in self.rows_per_epoch:
@@ -111,14 +144,22 @@ class StepLoader:
             return self.mixture.epoch(epoch)
         return epoch_order(len(self.samples), self.seed, epoch)
 
-    def _epoch_groups(self, epoch: int) -> list:
-        """This rank's micro-batches of the epoch, each a list of rows (pack) or of sample indices."""
+    def _epoch_units(self, epoch: int) -> list:
+        """The epoch's order of sample indices (padding) or its packed rows (pack)."""
         order = self._epoch_order(epoch)
         if not self.pack:
-            return micro_batches(order, self.batch_size, self.rank, self.world_size)
-        rows = pack_epoch(self.lengths, order, self.seq_length, self.seed, epoch, self.world_size)
-        groups = micro_batches(np.arange(len(rows)), self.batch_size, self.rank, self.world_size)
-        return [[rows[r] for r in g] for g in groups]
+            return order
+        return pack_epoch(self.lengths, order, self.seq_length, self.seed, epoch, self.world_size)
+
+    def _step_groups(self, units, start: int) -> list:
+        """This rank's micro-batches of the step that starts at unit `start`: the step's units cut into
+        global micro-batches of batch_size x world_size, the same cuts as over the whole epoch when
+        `start` is a multiple of that (always, unless a resume changed the step size)."""
+        span = units[start:start + self.units_per_step]
+        if not self.pack:
+            return micro_batches(np.asarray(span), self.batch_size, self.rank, self.world_size)
+        groups = micro_batches(np.arange(len(span)), self.batch_size, self.rank, self.world_size)
+        return [[span[r] for r in g] for g in groups]
 
     def _collate(self, group) -> object:
         if not len(group):  # this rank's slice of the epoch's last global micro-batch is empty
@@ -130,13 +171,13 @@ class StepLoader:
     def __iter__(self):
         """Yield (epoch, [Batch, ...]) forever, starting at the current position."""
         while True:
-            groups = self._epoch_groups(self.epoch)
-            starts = range(self.step_in_epoch * self.accumulation, len(groups), self.accumulation)
-            for start in starts:
-                chunk = groups[start:start + self.accumulation]
+            units = self._epoch_units(self.epoch)
+            while self.consumed < len(units):
+                groups = self._step_groups(units, self.consumed)
+                self.consumed = min(self.consumed + self.units_per_step, len(units))
                 self.step_in_epoch += 1
-                yield self.epoch, [self._collate(g) for g in chunk]
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                yield self.epoch, [self._collate(g) for g in groups]
+            self.epoch, self.step_in_epoch, self.consumed = self.epoch + 1, 0, 0
 
     def steps(self):
         """Step after Step forever from the current position, with their host-side token counts."""
@@ -145,11 +186,28 @@ class StepLoader:
                        sum(b.sum_squared_doc_lengths() for b in batches), self.state_dict())
 
     def state_dict(self) -> dict:
-        """The position after the last step handed out."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        """The position after the last step handed out, and what it counts in (to check a resume)."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "consumed": self.consumed,
+                "units": self.units, "units_per_step": self.units_per_step, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        """Continue after `state`; a checkpoint from before "consumed" was saved counts in this run's step size."""
+        epoch, step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        units = self.epoch_units(epoch)
+        consumed = int(state.get("consumed", min(step_in_epoch * self.units_per_step, units)))
+        mid_epoch = 0 < consumed < int(state.get("units", units))
+        if mid_epoch and self.pack and state.get("world_size", self.world_size) != self.world_size:
+            raise ConfigError(f"resume_from_checkpoint: the checkpoint stopped mid-epoch with packed rows split for "
+                              f"{state['world_size']} ranks; this run's {self.world_size} would pack the epoch "
+                              f"into other rows: resume on {state['world_size']} ranks, or from a checkpoint at "
+                              "the end of an epoch")
+        if mid_epoch and state.get("units", units) != units:
+            what = "packed rows" if self.pack else "training samples"
+            raise ConfigError(f"resume_from_checkpoint: the checkpoint stopped mid-epoch after {consumed} of its "
+                              f"{state['units']} {what}, this run has {units} (other data, data_split, "
+                              f"seq_length or packing): no exact continuation; resume with the same data, or from "
+                              f"a checkpoint at the end of an epoch")
+        self.epoch, self.step_in_epoch, self.consumed = epoch, step_in_epoch, consumed
 
 
 class Prefetcher:

@@ -217,6 +217,41 @@ class DeepSpeedEngine(Engine):
                               f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
 
+    @classmethod
+    def holds(cls, directory: str) -> bool:
+        return os.path.isdir(os.path.join(directory, TAG))
+
+    @classmethod
+    def files_problem(cls, directory: str, state: dict) -> str | None:
+        """deepspeed/: the model states and one optimizer-state file per rank, each a whole torch archive
+        whose pickle names nothing beyond torch's weights_only set and DeepSpeed's own classes (DeepSpeed
+        loads them with weights_only=False)."""
+        from mftcore.integrity import torch_file_problem
+
+        tag = os.path.join(directory, TAG)
+        names = sorted(os.listdir(tag))
+        optim = [n for n in names if n.endswith("optim_states.pt")]
+        if not any(n.endswith("model_states.pt") for n in names):  # mp_rank_00_ (ZeRO-2), zero_pp_rank_<r>_ (3)
+            return f"{TAG}/ holds no model states (mp_rank_00_model_states.pt) "
+        world = int(state.get("world_size", 1)) if isinstance(state.get("world_size", 1), int) else 1
+        if len(optim) < world:
+            return f"{TAG}/ holds {len(optim)} optimizer-state files for {world} ranks"
+        for name in names:
+            if name.endswith(".pt"):
+                problem = torch_file_problem(os.path.join(tag, name), allowed=DEEPSPEED_GLOBALS)
+                if problem:
+                    return f"{TAG}/{problem}"
+        return None
+
+
+# What DeepSpeed's checkpoint pickles name beyond torch's weights_only set (checked before DeepSpeed
+# unpickles them without restriction): its own config enums and loss-scaler classes.
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
+
+
 def strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
     """LossModel's keys ("model.<HF key>") -> the HF (or PEFT) model's own keys."""
     return {k.removeprefix(prefix): v for k, v in state_dict.items()}

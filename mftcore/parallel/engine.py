@@ -19,6 +19,8 @@ import os
 import torch
 
 from mftcore.errors import ConfigError
+from mftcore.integrity import WEIGHT_FILES, CheckpointError, load_torch_file, torch_file_problem, weights_problem
+from mftcore.io import read_json_object
 
 # step()'s skip codes: why an update was not applied (0: it was).
 SKIP_REASONS = (None, "loss", "gradient", "fp16 overflow")
@@ -112,11 +114,16 @@ class Engine:
         """The reverse of `save`; `saved` is the checkpoint's trainer state."""
         load_model_weights(directory, self.model)
         device = next(self.model.parameters()).device
-        self.optimizer.load_state_dict(
-            torch.load(os.path.join(directory, "optimizer.pt"), map_location=device, weights_only=True))
+        optimizer_state = load_torch_file(os.path.join(directory, "optimizer.pt"), map_location=device)
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, RuntimeError) as e:  # other parameter groups or shapes
+            raise ConfigError(f"resume_from_checkpoint: {directory}: its optimizer state does not fit this run's "
+                              f"parameters ({str(e).splitlines()[0][:160]}); was it saved with another model or "
+                              "peft_type?") from None
         scaler_file = os.path.join(directory, "scaler.pt")
         if self.scaler is not None and os.path.isfile(scaler_file):
-            self.scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+            self.scaler.load_state_dict(load_torch_file(scaler_file))
 
     def full_state_dict(self):
         """The whole model's weights on rank 0 for final/, when `model` holds only a shard of them
@@ -128,11 +135,33 @@ class Engine:
         """A checkpoint's weights into a plain model in one process (`mftcore export`)."""
         load_model_weights(directory, model)
 
+    # --- checkpoint files, checked before anything is loaded (mftcore/checkpoint.py) -----------------
+    @classmethod
+    def holds(cls, directory: str) -> bool:
+        """Whether `directory` holds this engine's checkpoint files: a checkpoint's format is read off its
+        files, and a `format` claim in trainer_state.json that they contradict is refused."""
+        return any(os.path.isfile(os.path.join(directory, name)) for name in WEIGHT_FILES)
+
+    @classmethod
+    def files_problem(cls, directory: str, state: dict) -> str | None:
+        """Why this engine's files in a checkpoint are not whole (missing, truncated, not loadable
+        without unpickling code), or None."""
+        problem = weights_problem(directory)
+        if problem:
+            return problem
+        for name in ("optimizer.pt", "scaler.pt"):
+            path = os.path.join(directory, name)
+            if name == "optimizer.pt" and not os.path.isfile(path):
+                return f"{name} is missing"
+            if os.path.isfile(path):
+                problem = torch_file_problem(path)
+                if problem:
+                    return problem
+        return None
+
 
 def read_safetensors(path: str, stem: str) -> dict:
     """{name: tensor} of `stem`.safetensors, or of all shards listed by `stem`.safetensors.index.json."""
-    import json
-
     from safetensors.torch import load_file
 
     single = os.path.join(path, f"{stem}.safetensors")
@@ -141,8 +170,7 @@ def read_safetensors(path: str, stem: str) -> dict:
     index = single + ".index.json"
     if not os.path.isfile(index):
         raise ConfigError(f"resume_from_checkpoint: {path}: no {stem}.safetensors")
-    with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+    shards = sorted(set(read_json_object(index, error=CheckpointError)["weight_map"].values()))
     state = {}
     for shard in shards:
         state.update(load_file(os.path.join(path, shard)))
@@ -153,13 +181,21 @@ def load_model_weights(path: str, model) -> None:
     """The checkpoint's weights into `model` (adapter weights for a PeftModel), in place."""
     from mftcore.model.lora import is_adapter_model
 
-    if is_adapter_model(model):
-        from peft import set_peft_model_state_dict
+    try:
+        if is_adapter_model(model):
+            from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, read_safetensors(path, "adapter_model"))
+            result = set_peft_model_state_dict(model, read_safetensors(path, "adapter_model"))
+        else:
+            result = model.load_state_dict(read_safetensors(path, "model"), strict=False)
+    except RuntimeError as e:  # "size mismatch for ...": another model_config
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise ConfigError(f"resume_from_checkpoint: {path}: its weights do not fit this model ({detail[:200]}); "
+                          "was it saved with another model_config or pretrained_model_path?") from None
+    if is_adapter_model(model):
         missing = [k for k in result.missing_keys if "lora_" in k]
     else:
-        result = model.load_state_dict(read_safetensors(path, "model"), strict=False)
         # Tied weights (lm_head = embed_tokens) are saved once; they come back through their twin.
         own = model.state_dict()
         loaded_ptrs = {own[k].data_ptr() for k in own if k not in set(result.missing_keys)}

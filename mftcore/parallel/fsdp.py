@@ -82,6 +82,19 @@ class FSDPEngine(Engine):
         set_model_state_dict(model, state["model"], options=options)
 
 
+    @classmethod
+    def holds(cls, directory: str) -> bool:
+        return os.path.isfile(os.path.join(directory, "dcp", ".metadata"))
+
+    @classmethod
+    def files_problem(cls, directory: str, state: dict) -> str | None:
+        """dcp/: its .metadata through the restricted unpickler (DCP itself unpickles it with no limits),
+        and every shard it names present and long enough."""
+        from mftcore.integrity import dcp_problem
+
+        return dcp_problem(os.path.join(directory, "dcp"))
+
+
 def frozen_free_options(peft: bool, **kwargs):
     """LoRA checkpoints hold the adapters only (the frozen base comes from pretrained_model_path), so
     loading them is not strict; a key the checkpoint lacks still fails in dcp.load."""

@@ -147,7 +147,7 @@ def test_merge_errors_are_one_line_and_leave_nothing(base, tmp_path, capsys, tok
     assert err[-1].startswith("mftcore: error: --adapter:") and "does not fit the base model" in err[-1], err
     assert "size mismatch" in err[-1] and all(line.startswith(("loading", "merging")) for line in err[:-1]), err
     assert main(["merge", "--base", base, "--adapter", wrong, "--out", base]) == 2
-    assert "would overwrite an input" in capsys.readouterr().err
+    assert "would destroy that input" in capsys.readouterr().err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 

@@ -162,8 +162,16 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     assert rebuilt(cfg).report["t"]["samples"] == 7
     write(tmp_path / "t" / "sub" / "y.jsonl", [chat("new")])
     assert rebuilt(cfg).report["t"]["samples"] == 8
-    # only finished entries are in the cache directory, beside nothing half-written
-    assert sorted(os.listdir(tmp_path / "mftcore_cache")) == sorted(os.path.basename(e) for e in entries)
+    # rewritten in place with the same size and mtime: the key is the content, so a new entry
+    target = tmp_path / "t" / "sub" / "y.jsonl"
+    st = os.stat(target)
+    write(target, [chat("old")])
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(target) == st.st_size and os.stat(target).st_mtime_ns == st.st_mtime_ns
+    rebuilt(cfg)
+    # only finished entries (and the digest memory) are in the cache directory, nothing half-written
+    assert sorted(os.listdir(tmp_path / "mftcore_cache")) == sorted([os.path.basename(e) for e in entries]
+                                                                    + ["digests.json"])
 
 
 def eos_tokenizer(eos):
@@ -188,7 +196,7 @@ def test_failed_build_leaves_nothing(tmp_path, tokenizer):
     write(tmp_path / "t" / "x.jsonl", [chat(), "{bad"])
     with pytest.raises(DataError):
         load(make_cfg(tmp_path, [tmp_path / "t"]), tokenizer)
-    assert os.listdir(tmp_path / "mftcore_cache") == []
+    assert os.listdir(tmp_path / "mftcore_cache") == ["digests.json"]  # no entry, no temporary
 
 
 KILLED_BUILD = r"""
@@ -214,14 +222,14 @@ def test_a_killed_build_is_cleaned_up_by_the_next(tmp_path, tokenizer):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     cache_dir = tmp_path / "mftcore_cache"
-    (abandoned,) = os.listdir(cache_dir)
+    (abandoned,) = set(os.listdir(cache_dir)) - {"digests.json"}
     assert abandoned.startswith(".tmp-") and os.path.getsize(cache_dir / abandoned / "input_ids.bin") > 0
     live = cache_dir / ".tmp-being-built-by-this-process"  # a concurrent builder that is still alive
     live.mkdir()
     (live / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
     data = load(make_cfg(tmp_path, [tmp_path / "t"]), tokenizer)
     assert not data.cache_reused
-    assert sorted(os.listdir(cache_dir)) == sorted([live.name, os.path.basename(data.cache)])
+    assert sorted(os.listdir(cache_dir)) == sorted([live.name, os.path.basename(data.cache), "digests.json"])
     assert sorted(os.listdir(data.cache)) == ["input_ids.bin", "loss_mask.bin", "meta.json", "offsets.npy",
                                               "sources.npy", "task_ids.npy"]
 

@@ -100,10 +100,16 @@ def test_each_rank_reads_only_its_share(pack):
     assert not views[0].read & views[1].read and views[0].read | views[1].read == set(range(300))
 
 
+def epoch_groups(loader, epoch: int) -> list:
+    """This rank's micro-batches of one epoch, each a list of rows (pack) or of sample indices."""
+    units = loader._epoch_units(epoch)
+    return [g for start in range(0, len(units), loader.units_per_step) for g in loader._step_groups(units, start)]
+
+
 def test_packing_fills_rows_and_steps_per_epoch_is_exact():
     samples = make_samples(2000)
     loader = StepLoader(samples, batch_size=8, accumulation=1, pad_id=0, seed=1, pack=True, seq_length=64)
-    groups = [loader._epoch_groups(e) for e in range(3)]
+    groups = [epoch_groups(loader, e) for e in range(3)]
     assert len({len(g) for g in groups}) == 1 and len(groups[0]) == loader.steps_per_epoch()
     rows = [row for g in groups[0] for row in g]
     used = sum(len(samples[int(j)].input_ids) for row in rows for j in row)
@@ -199,3 +205,55 @@ def test_prefetcher_raises_the_loaders_error_and_stops_its_thread():
     with pytest.raises(ValueError, match="bad row"):
         next(failing)
     failing.close()
+
+
+def first_tokens(loaders, steps) -> list:
+    """Documents' first tokens over `steps` steps of every rank's loader (one list per step)."""
+    its = [iter(loader) for loader in loaders]
+    out = []
+    for _ in range(steps):
+        step = []
+        for it in its:
+            step += [d[0] for b in next(it)[1] for d in documents(b)]
+        out.append(step)
+    return out
+
+
+# Packed rows depend on the number of ranks: that resume mid-epoch is refused (the next test).
+@pytest.mark.parametrize("pack,new", [(pack, dict(batch_size=b, accumulation=a, world_size=w))
+                                      for pack in (False, True) for b, a, w in ((3, 1, 1), (2, 3, 1), (4, 2, 2))
+                                      if not (pack and w > 1)])
+def test_resume_with_another_step_size_continues_the_epoch_exactly(pack, new):
+    """Stopped after 5 steps of 8 x 2 units, resumed with another batch size, accumulation or (padding)
+    number of ranks: the epoch's remaining samples come next, every one once, none repeated."""
+    samples = make_samples(300)
+    make = lambda batch_size, accumulation, world_size, rank=0: StepLoader(  # noqa: E731
+        samples, batch_size=batch_size, accumulation=accumulation, pad_id=0, seed=5, rank=rank,
+        world_size=world_size, pack=pack, seq_length=48)
+    first = make(8, 2, 1)
+    done = [t for step in first_tokens([first], 5) for t in step]
+    state = first.state_dict()
+    resumed = [make(**new, rank=r) for r in range(new["world_size"])]
+    for loader in resumed:
+        loader.load_state_dict(state)
+    rest = [t for step in first_tokens(resumed, resumed[0].steps_left(state["consumed"])) for t in step]
+    assert sorted(done + rest) == sorted(1000 + i for i in range(300)), "a sample skipped or repeated"
+    assert resumed[0].epoch_ended(resumed[0].state_dict())
+
+
+def test_resume_refuses_what_cannot_continue_exactly():
+    from mftcore.errors import ConfigError
+
+    samples = make_samples(300)
+    packed = StepLoader(samples, batch_size=4, accumulation=1, pad_id=0, seed=5, world_size=2, pack=True,
+                        seq_length=48)
+    state = {**packed.state_dict(), "consumed": 8, "step_in_epoch": 1}
+    other_ranks = StepLoader(samples, batch_size=4, accumulation=1, pad_id=0, seed=5, world_size=1, pack=True,
+                             seq_length=48)
+    with pytest.raises(ConfigError, match="packed rows split for 2 ranks"):
+        other_ranks.load_state_dict(state)
+    fewer = StepLoader(samples[:200], batch_size=4, accumulation=1, pad_id=0, seed=5)
+    with pytest.raises(ConfigError, match="mid-epoch after 8 of its 300 training samples, this run has 200"):
+        fewer.load_state_dict({**StepLoader(samples, batch_size=4, accumulation=1, pad_id=0, seed=5).state_dict(),
+                               "consumed": 8, "step_in_epoch": 2})
+    fewer.load_state_dict({"epoch": 1, "step_in_epoch": 0, "consumed": 0, "units": 300})  # an epoch's start: fine

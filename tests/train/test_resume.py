@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from mftcore import checkpoint
 from mftcore.errors import ConfigError
+from mftcore.integrity import CheckpointError
 from mftcore.train import train
+from tests.faults.harness import restamp
 from tests.helpers.engine import assert_bitwise_equal, engine_config, read_metrics, tensors, write_config
 from tests.helpers.paths import TINY_MODEL
 
@@ -123,7 +125,8 @@ def test_checkpoint_holds_everything_and_loads_without_unpickling_code(tmp_path)
         torch.load(ckpt / name, weights_only=True)
     AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)  # a plain HF model directory
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["data"] == {"epoch": 0, "step_in_epoch": 2}
+    assert state["step"] == 2 and state["data"]["epoch"] == 0 and state["data"]["step_in_epoch"] == 2
+    assert state["data"]["consumed"] == 2 * 8 and state["data"]["units_per_step"] == 8
     assert state["weighted_loss_mode"] == "self-paced" and len(state["loss_mode"]["steps"]) == 2
 
     # A pickle that runs code when unpickled, in place of the optimizer state: resume must refuse it.
@@ -134,9 +137,13 @@ def test_checkpoint_holds_everything_and_loads_without_unpickling_code(tmp_path)
             return (open, (str(marker), "w"))
 
     torch.save({"state": Payload()}, ckpt / "optimizer.pt")
+    resume = engine_config(out, max_train_steps=3, resume_from_checkpoint=str(ckpt),
+                           weighted_loss_mode="self-paced", selfpaced_history_length=2)
+    with pytest.raises(CheckpointError, match="optimizer.pt: .* the manifest says"):  # the manifest sees the swap
+        train(resume)
+    restamp(ckpt)  # and one who fixes the manifest too meets the unpickling guard
     with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
-        train(engine_config(out, max_train_steps=3, resume_from_checkpoint=str(ckpt),
-                            weighted_loss_mode="self-paced", selfpaced_history_length=2))
+        train(resume)
     assert not marker.exists()
 
 
