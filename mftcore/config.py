@@ -22,8 +22,9 @@ from mftcore import mftcoder
 from mftcore.data.render import DEFAULT_ROLE_MARKERS
 from mftcore.data.sources import task_spec
 from mftcore.errors import ConfigError
-from mftcore.io import JsonProblem, parse_json, read_json_object
+from mftcore.io import JsonProblem, parse_json, read_json_object, read_regular_bytes
 from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
+from mftcore.yamlconfig import YAML_SUFFIXES, parse_yaml
 
 
 @dataclass
@@ -466,8 +467,19 @@ def check_finite(raw: dict, source: str) -> None:
 
 
 def read_config(path: str) -> dict:
-    """The raw key -> value dict of a config file: the one place config files are read and parsed."""
-    return read_json_object(path, f"{path}: config file not found")
+    """The raw key -> value dict of a config file: the one place config files are read and parsed.
+    JSON, or YAML for a .yaml / .yml file (mftcore/yamlconfig.py: the same strictness and errors)."""
+    if not path.lower().endswith(YAML_SUFFIXES):
+        return read_json_object(path, f"{path}: config file not found")
+    data = read_regular_bytes(path, ConfigError, f"{path}: config file not found", "config file")
+    try:
+        raw = parse_yaml(data)
+    except JsonProblem as p:
+        raise ConfigError(p.where(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a YAML mapping (key: value lines), "
+                          f"got {'nothing (an empty document)' if raw is None else type(raw).__name__}")
+    return raw
 
 
 def parse_value(text: str, key: str = "value") -> Any:
