@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from mftcore import mftcoder
+from mftcore import __version__, mftcoder
 from mftcore.errors import ConfigError, Interrupted, MftcoreError
 
 
@@ -122,6 +122,7 @@ def add_bench_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcore", description="Multi-task fine-tuning of code LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--version", action="version", version=f"mftcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_prepare_parser(sub)
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_export_parser(sub)
     add_bench_parser(sub)
+    for subparser in sub.choices.values():  # `mftcore train c.json --debug` as well as `mftcore --debug train`
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show tracebacks for user errors")
     return parser
 
 
