@@ -176,6 +176,8 @@ class TrainConfig:
     """Log every this many optimizer steps (metrics.jsonl, TensorBoard, progress bar)."""
     evaluation_steps: int = 100
     """Compute the per-task validation loss every this many optimizer steps (0 disables)."""
+    eval_at_start: bool = False
+    """Also compute the validation loss before the first step, logged as step 0 (HF's eval_on_start); the training's random streams are untouched."""
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
 
@@ -196,6 +198,8 @@ class TrainConfig:
     """mftcore: code benchmarks to run during training, [{name, file, k, n, max_new_tokens, every_steps, ...}] (every field: mftcore/codeeval/spec.py); pass@k per benchmark and task tag is logged."""
     metric_for_best: Optional[str] = None
     """mftcore: what picks the best checkpoint and drives early stopping: null or "loss" (validation loss, lower is better), or "NAME/pass@K" of an eval_benchmarks entry (higher is better)."""
+    num_threads: Optional[int] = None
+    """mftcore: CPU threads of torch's intra-op pool in each process (torch.set_num_threads); null: torch's default. Reported at start-up."""
 
     def __post_init__(self):
         if self.role_markers is None or isinstance(self.role_markers, dict):
@@ -275,7 +279,7 @@ POSITIVE_INTS = ("seq_length", "num_train_epochs", "per_device_train_batch_size"
                  "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num")
 NON_NEGATIVE_INTS = ("evaluation_steps", "checkpointing_steps", "coba_warmup_steps", "max_consecutive_nonfinite",
                      "tokenize_workers", "seed")
-POSITIVE_INTS_OR_NULL = ("max_train_steps", "saving_limit", "init_timeout_seconds")
+POSITIVE_INTS_OR_NULL = ("max_train_steps", "saving_limit", "init_timeout_seconds", "num_threads")
 NON_NEGATIVE_NUMBERS = ("learning_rate", "min_lr", "weight_decay", "max_grad_norm", "lora_alpha")
 
 
