@@ -29,6 +29,7 @@ from mftcore.codeeval.training import TrainingBenchmarks, benchmark_records, che
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, load_tasks, report_lines
 from mftcore.data.loader import Prefetcher
+from mftcore.data.plan import plan_lines
 from mftcore.data.sampling import build_mixture
 from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
@@ -273,6 +274,8 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     on = f"{device}" if env.world_size == 1 else f"{env.world_size} ranks ({env.engine}, {device.type})"
     run.metrics.print(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
                       f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {on}")
+    for line in plan_lines(cfg, loader, total_steps, len(data.valid)):
+        run.metrics.print(line)
     run.metrics.print(f"CPU threads: {torch.get_num_threads()} per process "
                       f"({'num_threads' if cfg.num_threads else 'torch default; set num_threads to change'})")
     if saved is not None:

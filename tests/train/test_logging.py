@@ -32,7 +32,10 @@ def test_loss_is_the_window_mean_and_eval_at_start_changes_nothing(tiny_config, 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    assert "CPU threads: 1 per process (num_threads)" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "CPU threads: 1 per process (num_threads)" in report
+    for start in ("data: ", "steps: ", "validation: "):  # the plan of the run (mftcore/data/plan.py)
+        assert f"\n{start}" in report.replace("\r", "\n"), start
 
     each = records(every, "train")
     assert [r["loss"] for r in each] == [r["step_loss"] for r in each]  # a window of one step: its own loss
