@@ -19,7 +19,7 @@ from mftcore.errors import ConfigError, Interrupted, MftcoreError
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train from a JSON config",
+    p = sub.add_parser("train", help="train from a JSON or YAML config",
                        description="mftcore train CONFIG.json [key=value ...]; MFTCoder's spelling "
                                    "`--train_config CONFIG.json --data_paths ... --output_dir ...` works too.")
     p.add_argument("args", nargs="*", metavar="CONFIG.json [key=value]",
@@ -32,7 +32,7 @@ def add_train_parser(sub) -> None:
 
 def add_prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize the data into the cache that train reuses")
-    p.add_argument("config", help="path to a JSON TrainConfig")
+    p.add_argument("config", help="path to a JSON or YAML TrainConfig")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, as for train")
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="print the first N samples as JSON lines: task, text, input_ids, loss_mask")

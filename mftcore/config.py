@@ -177,7 +177,7 @@ class TrainConfig:
     evaluation_steps: int = 100
     """Compute the per-task validation loss every this many optimizer steps (0 disables)."""
     eval_at_start: bool = False
-    """Also compute the validation loss before the first step, logged as step 0 (HF's eval_on_start); the training's random streams are untouched."""
+    """mftcore: also compute the validation loss before the first step, logged as step 0 (HF's eval_on_start); the training's random streams are untouched."""
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
 
@@ -208,7 +208,7 @@ class TrainConfig:
     # --- construction ---
     @classmethod
     def from_file(cls, path: str, overrides: list[str] | tuple = ()) -> "TrainConfig":
-        """Read a JSON config, apply `key=value` overrides (value parsed as JSON, else a string), validate."""
+        """Read a JSON or YAML config, apply `key=value` overrides (value parsed as JSON, else a string), validate."""
         raw = read_config(path)
         for item in overrides:
             key, sep, value = item.partition("=")
