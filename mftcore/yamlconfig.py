@@ -32,15 +32,18 @@ class StrictLoader(yaml.SafeLoader):
     def construct_strict_mapping(self, node):
         if not isinstance(node, yaml.MappingNode):
             raise yaml.constructor.ConstructorError(None, None, "expected a mapping", node.start_mark)
-        self.flatten_mapping(node)  # YAML merge keys (<<: *anchor) resolve to ordinary pairs first
-        out = {}
+        own = {id(k) for k, _ in node.value}
+        self.flatten_mapping(node)  # merge keys (<<: *anchor): the merged pairs first, then the mapping's own
+        out, seen = {}, set()
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str):
                 raise JsonProblem(f"keys must be strings, got {key!r}"[:200], key_node.start_mark.line + 1)
-            if key in out:
-                raise JsonProblem(f"duplicate key {key!r} (YAML readers disagree on which one counts)",
-                                  key_node.start_mark.line + 1)
+            if id(key_node) in own:  # a merged key may be overridden by the mapping's own, as YAML says
+                if key in seen:
+                    raise JsonProblem(f"duplicate key {key!r} (YAML readers disagree on which one counts)",
+                                      key_node.start_mark.line + 1)
+                seen.add(key)
             out[key] = self.construct_object(value_node, deep=True)
         return out
 

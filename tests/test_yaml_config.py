@@ -69,6 +69,17 @@ def test_yaml_errors_are_json_errors(tmp_path, text, problem):
         TrainConfig.from_file(str(path))
 
 
+def test_merge_keys_override_but_own_keys_do_not_repeat():
+    from mftcore.io import JsonProblem
+    from mftcore.yamlconfig import parse_yaml
+
+    text = "base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  y: 3\n"
+    assert parse_yaml(text) == {"base": {"x": 1, "y": 2}, "d": {"x": 1, "y": 3}}
+    with pytest.raises(JsonProblem, match="duplicate key 'y'") as e:
+        parse_yaml(text + "  y: 4\n")
+    assert e.value.line == 5
+
+
 def test_json_nan_is_refused_the_same_way(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"data_paths": ["a"], "tokenizer_path": "t", "model_config": {"model_type": "llama"},
