@@ -60,6 +60,8 @@ setup(
         # parquet/arrow/csv/json files, save_to_disk directories and Hub datasets (mftcore/data/sources.py);
         # 5.2.0 tested. It needs no torch.
         "datasets>=4.0",
+        # YAML configs (.yaml / .yml, mftcore/yamlconfig.py); 6.0.4 tested
+        "PyYAML>=6.0",
     ],
     # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested);
     # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).

@@ -14,12 +14,12 @@ import signal
 import sys
 import threading
 
-from mftcore import mftcoder
+from mftcore import __version__, mftcoder
 from mftcore.errors import ConfigError, Interrupted, MftcoreError
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train from a JSON config",
+    p = sub.add_parser("train", help="train from a JSON or YAML config",
                        description="mftcore train CONFIG.json [key=value ...]; MFTCoder's spelling "
                                    "`--train_config CONFIG.json --data_paths ... --output_dir ...` works too.")
     p.add_argument("args", nargs="*", metavar="CONFIG.json [key=value]",
@@ -32,7 +32,7 @@ def add_train_parser(sub) -> None:
 
 def add_prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize the data into the cache that train reuses")
-    p.add_argument("config", help="path to a JSON TrainConfig")
+    p.add_argument("config", help="path to a JSON or YAML TrainConfig")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, as for train")
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="print the first N samples as JSON lines: task, text, input_ids, loss_mask")
@@ -122,6 +122,7 @@ def add_bench_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcore", description="Multi-task fine-tuning of code LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--version", action="version", version=f"mftcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_prepare_parser(sub)
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_export_parser(sub)
     add_bench_parser(sub)
+    for subparser in sub.choices.values():  # `mftcore train c.json --debug` as well as `mftcore --debug train`
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show tracebacks for user errors")
     return parser
 
 

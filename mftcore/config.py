@@ -22,8 +22,9 @@ from mftcore import mftcoder
 from mftcore.data.render import DEFAULT_ROLE_MARKERS
 from mftcore.data.sources import task_spec
 from mftcore.errors import ConfigError
-from mftcore.io import JsonProblem, parse_json, read_json_object
+from mftcore.io import JsonProblem, parse_json, read_json_object, read_regular_bytes
 from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
+from mftcore.yamlconfig import YAML_SUFFIXES, parse_yaml
 
 
 @dataclass
@@ -175,6 +176,8 @@ class TrainConfig:
     """Log every this many optimizer steps (metrics.jsonl, TensorBoard, progress bar)."""
     evaluation_steps: int = 100
     """Compute the per-task validation loss every this many optimizer steps (0 disables)."""
+    eval_at_start: bool = False
+    """mftcore: also compute the validation loss before the first step, logged as step 0 (HF's eval_on_start); the training's random streams are untouched."""
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
 
@@ -195,6 +198,8 @@ class TrainConfig:
     """mftcore: code benchmarks to run during training, [{name, file, k, n, max_new_tokens, every_steps, ...}] (every field: mftcore/codeeval/spec.py); pass@k per benchmark and task tag is logged."""
     metric_for_best: Optional[str] = None
     """mftcore: what picks the best checkpoint and drives early stopping: null or "loss" (validation loss, lower is better), or "NAME/pass@K" of an eval_benchmarks entry (higher is better)."""
+    num_threads: Optional[int] = None
+    """mftcore: CPU threads of torch's intra-op pool in each process (torch.set_num_threads); null: torch's default. Reported at start-up."""
 
     def __post_init__(self):
         if self.role_markers is None or isinstance(self.role_markers, dict):
@@ -203,7 +208,7 @@ class TrainConfig:
     # --- construction ---
     @classmethod
     def from_file(cls, path: str, overrides: list[str] | tuple = ()) -> "TrainConfig":
-        """Read a JSON config, apply `key=value` overrides (value parsed as JSON, else a string), validate."""
+        """Read a JSON or YAML config, apply `key=value` overrides (value parsed as JSON, else a string), validate."""
         raw = read_config(path)
         for item in overrides:
             key, sep, value = item.partition("=")
@@ -274,7 +279,7 @@ POSITIVE_INTS = ("seq_length", "num_train_epochs", "per_device_train_batch_size"
                  "coba_update_interval", "coba_sample_valid_num", "early_stopping_stall_num")
 NON_NEGATIVE_INTS = ("evaluation_steps", "checkpointing_steps", "coba_warmup_steps", "max_consecutive_nonfinite",
                      "tokenize_workers", "seed")
-POSITIVE_INTS_OR_NULL = ("max_train_steps", "saving_limit", "init_timeout_seconds")
+POSITIVE_INTS_OR_NULL = ("max_train_steps", "saving_limit", "init_timeout_seconds", "num_threads")
 NON_NEGATIVE_NUMBERS = ("learning_rate", "min_lr", "weight_decay", "max_grad_norm", "lora_alpha")
 
 
@@ -466,8 +471,19 @@ def check_finite(raw: dict, source: str) -> None:
 
 
 def read_config(path: str) -> dict:
-    """The raw key -> value dict of a config file: the one place config files are read and parsed."""
-    return read_json_object(path, f"{path}: config file not found")
+    """The raw key -> value dict of a config file: the one place config files are read and parsed.
+    JSON, or YAML for a .yaml / .yml file (mftcore/yamlconfig.py: the same strictness and errors)."""
+    if not path.lower().endswith(YAML_SUFFIXES):
+        return read_json_object(path, f"{path}: config file not found")
+    data = read_regular_bytes(path, ConfigError, f"{path}: config file not found", "config file")
+    try:
+        raw = parse_yaml(data)
+    except JsonProblem as p:
+        raise ConfigError(p.where(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a YAML mapping (key: value lines), "
+                          f"got {'nothing (an empty document)' if raw is None else type(raw).__name__}")
+    return raw
 
 
 def parse_value(text: str, key: str = "value") -> Any:

@@ -329,6 +329,7 @@ def atomic_dir(path: str, *, replace: bool = True, owned: bool = False, need: in
             yield tmp
             if owned:
                 os.remove(os.path.join(tmp, OWNER_FILE))
+            follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -347,6 +348,33 @@ def atomic_dir(path: str, *, replace: bool = True, owned: bool = False, need: in
     os.replace(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask sets one: another thread writing meanwhile
+    would create its file with the temporary value); /proc/self/status has it on Linux 4.7+."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: str) -> None:
+    """Give every file under `directory` the mode a plain open() would (0666 less the umask). safetensors
+    (through save_pretrained) writes model.safetensors 0600, so a team sharing a run directory could
+    not read the weights that every other file of it lets them read."""
+    umask = current_umask()
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            want = (0o777 if st.st_mode & 0o100 else 0o666) & ~umask  # an executable stays executable
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != want:
+                os.chmod(path, want)
 
 
 def remove_abandoned(directory: str) -> None:

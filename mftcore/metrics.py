@@ -58,9 +58,9 @@ class Metrics:
     def advance(self, postfix: dict | None = None) -> None:
         """One more step on the progress bar; `postfix` (the logged values) on logging steps."""
         if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
+            if postfix:  # after the update, refreshed: the line shows this step's count with its own values
+                self.bar.set_postfix(postfix)
 
     def write(self, step: int, split: str, scalars: dict, task_loss: dict, task_values: dict | None = None) -> None:
         """One JSONL record {"step", "split", **scalars, "task_loss": {task: loss}, **task_values} and the
@@ -114,6 +114,7 @@ class Window:
     def reset(self) -> None:
         self.tokens, self.flops, self.t0 = 0, 0.0, time.perf_counter()
         self.task_loss_sum = self.task_token_count = None
+        self.loss_sum = self.loss_steps = None  # the finite step losses, for the logged window mean
         self.skips = []  # (step, skip code), the code an int or a device tensor
 
     def add_step(self, step: int, tokens: int, flops: float, res) -> None:
@@ -123,6 +124,19 @@ class Window:
         self.task_loss_sum = sums if self.task_loss_sum is None else self.task_loss_sum + sums
         self.task_token_count = counts if self.task_token_count is None else self.task_token_count + counts
         self.skips.append((step, res.skip))
+        loss = torch.as_tensor(res.loss).detach().float()
+        finite = torch.isfinite(loss)  # a skipped step's NaN stays out of the mean (HF's logging_nan_inf_filter)
+        kept = torch.where(finite, loss, torch.zeros_like(loss))
+        self.loss_sum = kept if self.loss_sum is None else self.loss_sum + kept
+        self.loss_steps = finite.int() if self.loss_steps is None else self.loss_steps + finite.int()
+
+    def mean_loss(self):
+        """The mean step loss over the window's finite steps (the logged `loss`, as HF Trainer and axolotl
+        log it); None when no step of the window had a finite loss."""
+        if self.loss_sum is None:
+            return None
+        total, steps = float(self.loss_sum), int(self.loss_steps)
+        return total / steps if steps else None
 
     def take_skips(self) -> list:
         """[(step, code)] of the steps since the last call, read to the host at once."""

@@ -29,6 +29,7 @@ from mftcore.codeeval.training import TrainingBenchmarks, benchmark_records, che
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, load_tasks, report_lines
 from mftcore.data.loader import Prefetcher
+from mftcore.data.plan import plan_lines
 from mftcore.data.sampling import build_mixture
 from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
@@ -69,6 +70,8 @@ def train(cfg: TrainConfig) -> str:
 
 def train_loop(run: "Run") -> str:
     cfg, state = run.cfg, run.state
+    if cfg.eval_at_start and state.step == 0:  # before vs after in one run; a resumed run has its step-0 record
+        evaluate_at_start(run)
     window = Window(len(run.names), run.peak * run.env.world_size if run.peak else None)
     with StopRequest() as stop, Prefetcher(run.loader.steps(), run.env.device) as steps:
         while state.step < run.total_steps and not state.early_stopped:
@@ -86,7 +89,7 @@ def train_loop(run: "Run") -> str:
             log_now = step % cfg.log_interval == 0 or step == run.total_steps
             if log_now:  # log
                 run.diverged |= count_skips(run, window.take_skips())
-                log_train(run, step, batch.epoch, lr, res, window)
+                log_train(run, step, epochs_done(batch.position), lr, res, window)
             run.metrics.advance({"loss": f"{float(res.loss):.4f}", "lr": f"{lr:.2e}"} if log_now else None)
             improved = False
             if cfg.evaluation_steps and run.data.valid and (step % cfg.evaluation_steps == 0
@@ -203,6 +206,8 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     the checkpoint resolve_resume picks, if any."""
     device = env.device
     check_benchmarks(cfg)  # their config errors before anything loads
+    if cfg.num_threads:  # on a shared 2-core machine 2 threads ran 4-9x slower than 1 (issue 19)
+        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     resume_from = checkpoint.resolve_resume(cfg, env.rank)
     if env.rank == 0:
@@ -269,6 +274,10 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     on = f"{device}" if env.world_size == 1 else f"{env.world_size} ranks ({env.engine}, {device.type})"
     run.metrics.print(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
                       f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {on}")
+    for line in plan_lines(cfg, loader, total_steps, len(data.valid)):
+        run.metrics.print(line)
+    run.metrics.print(f"CPU threads: {torch.get_num_threads()} per process "
+                      f"({'num_threads' if cfg.num_threads else 'torch default; set num_threads to change'})")
     if saved is not None:
         report_resume(run, resume_from, saved)
     elif mode.needs_initial:  # e.g. CoBa's loss ratios are relative to the losses before training
@@ -311,10 +320,13 @@ def per_task(names, values) -> dict:
     return {n: v for n, v in zip(names, values) if v is not None}
 
 
-def log_train(run: Run, step: int, epoch: int, lr: float, res: StepResult, window: Window) -> None:
-    """One train record: this step's loss, lr and gradient norm; loss and tokens per task, throughput
-    and MFU over the steps since the last record; the dynamic task weights."""
-    scalars = {"loss": float(res.loss), "lr": lr, "grad_norm": float(res.grad_norm), "epoch": epoch,
+def log_train(run: Run, step: int, epoch: float, lr: float, res: StepResult, window: Window) -> None:
+    """One train record: this step's loss (`step_loss`), lr and gradient norm; the mean loss (`loss`, as
+    HF Trainer logs it), loss and tokens per task, throughput and MFU over the steps since the last
+    record; the dynamic task weights; `epoch` fractional (epochs done, as HF logs it)."""
+    step_loss, mean_loss = float(res.loss), window.mean_loss()
+    scalars = {"loss": step_loss if mean_loss is None else mean_loss, "step_loss": step_loss,
+               "lr": lr, "grad_norm": float(res.grad_norm), "epoch": epoch,
                **window.rates(), "memory_gb": peak_memory_gb(run.env.device),
                "skipped_steps": run.state.skipped_steps}
     if res.aux_loss is not None:
@@ -327,6 +339,12 @@ def log_train(run: Run, step: int, epoch: int, lr: float, res: StepResult, windo
             scalars[key] = value
     run.metrics.write(step, "train", scalars, per_task(run.names, window.task_losses()), extra)
     window.reset()
+
+
+def epochs_done(position: dict) -> float:
+    """Epochs done after a step, fractional (2.5: half of the third epoch), from the loader's position."""
+    units = position.get("units") or 1
+    return round(position["epoch"] + min(position.get("consumed", 0), units) / units, 4)
 
 
 def count_skips(run: Run, skips: list) -> bool:
@@ -374,14 +392,33 @@ def log_evaluation(run: Run, step: int, result) -> bool:
     else:
         state.stall += 1
         state.early_stopped = cfg.early_stopping and state.stall >= cfg.early_stopping_stall_num
-    run.metrics.write(step, "valid", {"loss": vloss, "accuracy": result.accuracy()},
-                      per_task(run.names, result.task_losses()),
-                      {"task_accuracy": per_task(run.names, result.task_accuracy()),
-                       "task_tokens": per_task(run.names, result.task_token_count.tolist())})
+    write_valid_record(run, step, result, vloss)
     if state.early_stopped:
         run.metrics.print(f"early stopping at step {step}: no better validation loss in {state.stall} evaluations "
                           f"(best {state.best_loss:.4f} at step {state.best_step})")
     return improved
+
+
+def write_valid_record(run: Run, step: int, result, vloss: float) -> None:
+    run.metrics.write(step, "valid", {"loss": vloss, "accuracy": result.accuracy()},
+                      per_task(run.names, result.task_losses()),
+                      {"task_accuracy": per_task(run.names, result.task_accuracy()),
+                       "task_tokens": per_task(run.names, result.task_token_count.tolist())})
+
+
+def evaluate_at_start(run: Run) -> None:
+    """eval_at_start: the validation loss of the model before training, logged as step 0. It is not an
+    evaluation of the run (no best checkpoint, no early-stopping count: there is no checkpoint-0), and the
+    RNG states are restored after it, so the training that follows is bitwise the same as without it."""
+    if not run.data.valid:
+        run.metrics.print("eval_at_start: no validation data (data_split gives none), nothing to evaluate")
+        return
+    device = run.env.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        result = run.evaluate_valid()
+    vloss = result.combined_loss(run.cfg.task_weights)
+    write_valid_record(run, 0, result, vloss)
+    run.metrics.print(f"step 0 (before training): validation loss {vloss:.4f}")
 
 
 def log_benchmarks(run: Run, step: int, results: dict) -> bool:

@@ -10,7 +10,7 @@ from tests.helpers.paths import ROOT
 # Bottom first. A module may import from its own layer (if that makes no cycle) or any layer below.
 LAYERS = [
     # kernels import nothing of mftcore: other trainers embed them
-    ("errors", "io", "integrity", "outputs", "_packing", "kernels", "sandbox"),
+    ("errors", "io", "integrity", "outputs", "_packing", "kernels", "sandbox", "yamlconfig"),
     ("mftcoder", "data"),
     ("model",),
     ("loss", "weighting", "metrics", "optim", "parallel"),

@@ -18,5 +18,5 @@ def prepare(config: str, overrides: list, show: int) -> None:
     data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id, local_rank=local_rank())
     for line in report_lines(data, cfg):
         print(line, file=sys.stderr)
-    for line in show_samples(data.train.store, show, tokenizer):
+    for line in show_samples(data.train.store, show, tokenizer, data.valid.indices):
         print(line)

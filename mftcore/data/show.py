@@ -29,13 +29,15 @@ def marked_text(tokenizer, ids: list, mask: list) -> str:
     return "".join(out)
 
 
-def show_samples(store, n: int, tokenizer) -> list:
-    """The first n samples in data order as JSON lines {"task", "text", "marked", "input_ids", "loss_mask"}."""
-    out = []
+def show_samples(store, n: int, tokenizer, valid_indices=()) -> list:
+    """The first n samples in data order as JSON lines {"task", "split", "text", "marked", "input_ids",
+    "loss_mask"}; "split" is "valid" for the indices of `valid_indices` (data_split's share), else "train"."""
+    out, valid = [], {int(i) for i in valid_indices}
     for i in range(min(n, len(store))):
         ids, mask, task_id = store.sample(i)
         ids, mask = ids.tolist(), mask.tolist()
-        out.append(json.dumps({"task": store.meta["tasks"][task_id]["name"], "text": decode(tokenizer, ids),
+        out.append(json.dumps({"task": store.meta["tasks"][task_id]["name"],
+                               "split": "valid" if i in valid else "train", "text": decode(tokenizer, ids),
                                "marked": marked_text(tokenizer, ids, mask), "input_ids": ids, "loss_mask": mask},
                               ensure_ascii=False))
     return out

@@ -59,6 +59,9 @@ def test_merge_with_mftcoder_flags_keeps_outputs_and_training_template(base, tmp
 
     files = set(os.listdir(out))
     assert {"model.safetensors", "config.json", "tokenizer.json", "mftcore_config.json"} <= files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask  # not 0600
     assert "adapter_config.json" not in files and not any(f.endswith(".bin") for f in files)
     merged = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -12,6 +12,7 @@ from mftcore.config import TrainConfig
 from mftcore.data import epoch_order, load_tasks, micro_batches, report_lines
 from mftcore.data.cache import SampleStore, prepare_cache, task_names
 from mftcore.data.dataset import split_counts
+from mftcore.data.show import decode
 from mftcore.errors import ConfigError, DataError
 from tests.helpers.paths import DATA, TOKENIZER
 
@@ -295,15 +296,32 @@ def test_prepare_show_prints_what_the_model_sees(tmp_path, tokenizer, capsys):
     enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
     prompt, answer, text = enc("<s>system\ns\n<s>human\nq\n<s>bot\n"), enc("a\n"), enc("t\n")
     assert rows == [
-        {"task": "t", "text": "<s>system\ns\n<s>human\nq\n<s>bot\na\n<|endoftext|>",
+        {"task": "t", "split": "train", "text": "<s>system\ns\n<s>human\nq\n<s>bot\na\n<|endoftext|>",
          "marked": "<s>system\ns\n<s>human\nq\n<s>bot\n⟦a\n<|endoftext|>⟧",
          "input_ids": prompt + answer + [0], "loss_mask": [0] * len(prompt) + [1] * (len(answer) + 1)},
-        {"task": "t", "text": "t\n<|endoftext|>", "marked": "⟦t\n<|endoftext|>⟧", "input_ids": text + [0],
+        {"task": "t", "split": "train", "text": "t\n<|endoftext|>", "marked": "⟦t\n<|endoftext|>⟧", "input_ids": text + [0],
          "loss_mask": [1] * (len(text) + 1)},
     ]
     assert "(built)" in err and "task t: 2 samples" in err
     code, out, err = run_cli(capsys, "prepare", str(cfg_path), "seq_length=100")
     assert code == 0 and "(reused)" in err and out == ""
+
+
+def test_prepare_show_marks_each_samples_split(tmp_path, tokenizer, capsys):
+    write(tmp_path / "t" / "x.jsonl", [json.dumps({"text": f"sample {i}"}) for i in range(6)])
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({"data_paths": [str(tmp_path / "t")], "tokenizer_path": TOKENIZER,
+                                    "model_config": {"model_type": "llama"}, "output_dir": str(tmp_path / "o"),
+                                    "data_split": "50,50,0"}))
+    code, out, err = run_cli(capsys, "prepare", str(cfg_path), "--show", "6")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    cfg = TrainConfig.from_file(str(cfg_path))
+    data = load_tasks(cfg, tokenizer, tokenizer.eos_token_id)
+    valid_texts = {decode(tokenizer, list(data.valid[i].input_ids)) for i in range(len(data.valid))}
+    assert len(rows) == 6 and len(data.valid) == 3
+    assert [r["text"] in valid_texts for r in rows] == [r["split"] == "valid" for r in rows]
+    assert {r["split"] for r in rows} == {"train", "valid"}
 
 
 def test_prepare_bad_data_exits_2_with_one_line(tmp_path, capsys):
