@@ -89,18 +89,12 @@ def load_generator(model_dir: str, adapter: str | None = None, trust_remote_code
     problem = irregular_file(model_dir) or weights_problem(model_dir)
     if problem:
         raise ConfigError(f"--model: {model_dir}: {problem}")
-    try:
+    from mftcore.commands.merge import apply_adapter, load_errors
+
+    with load_errors(model_dir, "--model"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        if "trust_remote_code" in str(e) or "custom code" in str(e):
-            raise ConfigError(f"--model: {model_dir}: the model needs its own code; pass --trust_remote_code only "
-                              "if you trust it") from None
-        raise ConfigError(f"--model: {model_dir}: cannot be loaded ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:200]})") from None
     if adapter is not None:
-        from mftcore.commands.merge import apply_adapter
-
         model = apply_adapter(model, adapter, model_dir)
     model.to(device).eval()
     check_vocabulary(model, tokenizer, where="--model")

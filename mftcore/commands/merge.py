@@ -45,15 +45,16 @@ def check_inputs(base: str, adapter: str, out: str) -> None:
 
 
 @contextlib.contextmanager
-def base_errors(base: str):
-    """transformers' failures to read the base model as one line (custom code it may not run included)."""
+def load_errors(path: str, flag: str = "--base"):
+    """transformers' failures to read the model at `path` (given as `flag`) as one line (custom code it may
+    not run included)."""
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         if "trust_remote_code" in str(e) or "custom code" in str(e):
-            raise ConfigError(f"--base: {base}: the model needs its own code; pass --trust_remote_code only if "
+            raise ConfigError(f"{flag}: {path}: the model needs its own code; pass --trust_remote_code only if "
                               "you trust it") from None
-        raise ConfigError(f"--base: {base}: cannot be loaded ({type(e).__name__}: "
+        raise ConfigError(f"{flag}: {path}: cannot be loaded ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:200]})") from None
 
 
@@ -90,7 +91,7 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     check_model_type(model_type, "--model_type")
-    with base_errors(base):
+    with load_errors(base):
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     check_model_matches(model_type, config)
     tokenizer = load_merge_tokenizer(base, adapter, model_type, trust_remote_code)
@@ -100,7 +101,7 @@ def merge(base: str, adapter: str, out: str, model_type: str | None = None, dtyp
         raise ConfigError(f"--base: {base}: {problem}")
 
     log(f"loading {base} ({dtype})")
-    with base_errors(base):
+    with load_errors(base):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     log(f"merging {adapter}")

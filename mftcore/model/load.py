@@ -107,13 +107,7 @@ def load_model(cfg, vocab_size: int, dtype=torch.float32, quantization_config=No
                                   f"trust_remote_code=true only if you trust it") from None
             raise ConfigError(f"pretrained_model_path: {path}: cannot be loaded ({type(e).__name__}: "
                               f"{one_line(e)[:300]})") from None
-    spec = dict(cfg.model_config)
-    model_type = spec.pop("model_type")
-    spec.setdefault("vocab_size", vocab_size)
-    try:
-        config = AutoConfig.for_model(model_type, **spec)
-    except Exception as e:  # ValueError, TypeError, huggingface_hub's StrictDataclassClassValidationError, ...
-        raise ConfigError(f"model_config: {' '.join(str(e).split())[:300]}") from None
+    config = config_from_spec(cfg.model_config, vocab_size)
     check_model_matches(cfg.model_type, config)
     check_loss_compatible(config)
     check_shapes(config)
@@ -126,19 +120,24 @@ def load_model(cfg, vocab_size: int, dtype=torch.float32, quantization_config=No
         raise ConfigError("model_config: the model does not fit in memory (check its sizes)") from None
 
 
+def config_from_spec(model_config: dict, vocab_size: int):
+    """The HF config of a `model_config` spec (model_type + fields; vocab_size defaults to the tokenizer's)."""
+    spec = dict(model_config)
+    model_type = spec.pop("model_type")
+    spec.setdefault("vocab_size", vocab_size)
+    try:
+        return AutoConfig.for_model(model_type, **spec)
+    except Exception as e:  # ValueError, TypeError, huggingface_hub's StrictDataclassClassValidationError, ...
+        raise ConfigError(f"model_config: {' '.join(str(e).split())[:300]}") from None
+
+
 def check_model_config(cfg, vocab_size: int) -> None:
     """model_config, checked before the data is tokenized: the HF config is built and the model
     instantiated on the meta device (no memory, no weights), which raises what building it for real
     would (unknown model_type, heads that do not divide the hidden size, ...)."""
     if cfg.model_config is None or cfg.pretrained_model_path is not None:
         return
-    spec = dict(cfg.model_config)
-    model_type = spec.pop("model_type")
-    spec.setdefault("vocab_size", vocab_size)
-    try:
-        config = AutoConfig.for_model(model_type, **spec)
-    except Exception as e:  # ValueError, TypeError, huggingface_hub's StrictDataclassClassValidationError, ...
-        raise ConfigError(f"model_config: {' '.join(str(e).split())[:300]}") from None
+    config = config_from_spec(cfg.model_config, vocab_size)
     check_shapes(config)
     try:
         with torch.device("meta"):
