@@ -209,8 +209,13 @@ class TrackioTracker:
         self.run.log(tags, step=step)
 
     def close(self) -> None:
+        import trackio
+
         with contextlib.redirect_stdout(io.StringIO()):
-            self.run.finish()
+            if trackio.context_vars.current_run.get() is self.run:  # else trackio's atexit finishes it again
+                trackio.finish()
+            else:
+                self.run.finish()
 
 
 TRACKER_CLASSES = {"wandb": WandbTracker, "mlflow": MlflowTracker, "trackio": TrackioTracker}

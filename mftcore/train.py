@@ -510,9 +510,9 @@ def print_summary(run: Run, final: str) -> None:
     best = None
     if state.best_step is not None:
         best_path = os.path.join(output_dir, f"checkpoint-{state.best_step}")
-        best = (f"{best_path} ({cfg.metric_for_best} {state.best_metric:.4f} at step {state.best_step})"
+        best = (f"{best_path} (best {cfg.metric_for_best} {state.best_metric:.4f} at step {state.best_step})"
                 if state.best_metric is not None else
-                f"{best_path} (validation loss {state.best_loss:.4f} at step {state.best_step})")
+                f"{best_path} (best validation loss {state.best_loss:.4f} at step {state.best_step})")
     try:
         records = read_metrics(output_dir)
     except Exception:  # already reported above, as the report's failure

@@ -131,7 +131,7 @@ def test_train_writes_report_html_and_prints_the_summary(run):
            f"{last_train['task_loss']['python_funcs']:.4f}" in text
     assert f"validation (step 4): loss {last_valid['loss']:.4f}, accuracy {last_valid['accuracy']:.4f}" in text
     best = min((r for r in records if r["split"] == "valid" and r["step"] > 0), key=lambda r: r["loss"])
-    assert f"best checkpoint: {os.path.join(out, 'checkpoint-' + str(best['step']))} (validation loss " \
+    assert f"best checkpoint: {os.path.join(out, 'checkpoint-' + str(best['step']))} (best validation loss " \
            f"{best['loss']:.4f} at step {best['step']})" in text
     assert f"final model: {os.path.join(out, 'final')}" in text
     assert f"report: {os.path.join(out, 'report.html')}" in text
@@ -213,3 +213,25 @@ def test_the_report_renders_in_headless_chromium_with_its_plots_drawn(run, tmp_p
         assert near(drawn, color) > near(empty, color) + 1000, color  # ~3000-6500 measured
     pixels = sum(drawn.values())
     assert 0.3 < drawn.get((255, 255, 255), 0) / pixels < 0.99  # a page, neither blank nor a solid block
+
+
+def test_pass_at_k_and_a_partial_memory_breakdown_from_written_records(tmp_path, capsys):
+    """No training: metrics.jsonl as eval_benchmarks and CoBa write it, memory.json with two of its keys."""
+    rows = [{"step": s, "split": "train", "loss": 2.0 / s, "lr": 1e-3, "task_loss": {"a": 2.0 / s, "b": 1.0 / s},
+             "task_tokens": {"a": 30, "b": 10}, "task_weight": {"a": 0.4 + s / 100, "b": 0.6 - s / 100},
+             "divergence_factor": 0.5} for s in (1, 2, 3)]
+    rows += [{"step": s, "split": "he", "pass@1": p1, "pass@10": p10, "problems": 4, "task_loss": {},
+              "task_pass@1": {"py": p1}} for s, p1, p10 in ((2, 0.25, 0.5), (3, 0.5, 0.75))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "memory.json").write_text(json.dumps({"peak_gb": 1.5, "weights_gb": 0.25}))
+    assert main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    found = plots(page)
+    assert [len(p) for _, p in found["task weights"]] == [3, 3]
+    assert [label for label, _ in found["he: pass@k"]] == ["pass@1", "pass@10"]
+    assert "<td>2</td><td>0.25</td><td>0.5</td><td>4</td>" in page and "<td>3</td><td>0.5</td><td>0.75</td>" in page
+    assert "<td>weights</td><td>0.25</td>" in page and "<td>peak</td><td>1.5</td>" in page
+    assert "gradients" not in page  # only the keys memory.json has
+    assert f"no {RUN_FILE} in {tmp_path}" in page  # the config and data sections say why they are empty
+    assert f">{number(75.0)}%</text>" in page  # a: 90 of 120 loss tokens
