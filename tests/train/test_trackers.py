@@ -231,3 +231,25 @@ def test_report_to_none_writes_metrics_jsonl_only(tiny_config, tmp_path):
     assert not os.path.exists(os.path.join(cfg["output_dir"], "tensorboard"))
     assert not os.path.exists(os.path.join(cfg["output_dir"], TRACKERS_FILE))
     assert len(open(os.path.join(cfg["output_dir"], "metrics.jsonl")).readlines()) == 1
+
+
+def test_benchmark_records_reach_the_trackers_and_other_ranks_log_nothing(offline):
+    """Metrics.write is the one place: a pass@k record (eval_benchmarks') goes to MLflow as `pass_1/NAME`
+    (MLflow refuses `@`); a rank other than 0 (enabled=False) starts no tracker and writes no file."""
+    from mftcore.metrics import Metrics
+
+    silent = Metrics(str(offline / "rank1"), None, total_steps=2, enabled=False, report_to=["mlflow"], config={})
+    silent.write(1, "train", {"loss": 1.0}, {"a": 1.0})
+    silent.close()
+    assert not os.path.exists(offline / "rank1")
+
+    metrics = Metrics(str(offline / "rank0"), None, total_steps=2, report_to=["mlflow"], config={"seed": 7})
+    metrics.write(1, "train", {"loss": 1.5, "mfu": None}, {"a": 1.25}, {"task_weight": {"a": 1.0}})
+    metrics.write(2, "he", {"pass@1": 0.25, "problems": 4}, {}, {"task_pass@1": {"py": 0.5}})
+    metrics.close()
+    run_id = json.load(open(offline / "rank0" / TRACKERS_FILE))["mlflow"]["run_id"]
+    logged, params = mlflow_logged(run_id, {"loss/train", "mfu/train", "a_loss/train", "a_weight/train",
+                                            "pass@1/he", "problems/he", "py_pass@1/he"})
+    assert logged == {(1, "loss/train"): 1.5, (1, "a_loss/train"): 1.25, (1, "a_weight/train"): 1.0,
+                      (2, "pass@1/he"): 0.25, (2, "problems/he"): 4.0, (2, "py_pass@1/he"): 0.5}
+    assert params == {"seed": "7"}
