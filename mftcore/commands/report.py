@@ -254,9 +254,12 @@ def render(output_dir: str) -> str:
     train = [r for r in records if r["split"] == "train"]
     title = f"mftcore run: {os.path.basename(os.path.abspath(output_dir))}"
     last = train[-1] if train else {}
+    valid = [r for r in records if r["split"] == "valid"]
     facts = [["output_dir", os.path.abspath(output_dir)], ["tasks", ", ".join(tasks)],
              ["steps logged", f"{last.get('step', 0)} of {run.get('total_steps', '?')}"],
              ["epochs", last.get("epoch")], ["final train loss", last.get("loss")],
+             ["last validation loss", f"{number(valid[-1]['loss'])} (step {valid[-1]['step']})"
+              if valid and isinstance(valid[-1].get("loss"), (int, float)) else None],
              ["started", run.get("started")]]
     loss = line_plot("train loss per task", {t: series(records, "train", "task_loss", t) for t in tasks}, "loss")
     loss += line_plot("train loss (all tasks)", {"loss": series(records, "train", "loss"),

@@ -105,6 +105,7 @@ def test_the_report_has_every_section_and_plot_and_the_logged_numbers(run, tmp_p
     share = 100 * tokens["python_funcs"] / sum(tokens.values())
     assert f">{number(share)}%</text>" in page
     assert f"<td>final train loss</td><td>{number(train_recs[-1]['loss'])}</td>" in page
+    assert f"<td>last validation loss</td><td>{number(valid[-1]['loss'])} (step 4)</td>" in page
     # the config and the start-up report (run.json), escaped
     info = json.load(open(os.path.join(out, RUN_FILE)))
     assert info["tasks"] == tasks and info["config"]["weighted_loss_mode"] == "self-paced"
