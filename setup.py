@@ -35,6 +35,8 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "-j", str(os.cpu_count() or 1)], cwd=build_dir, check=True)
 
 
+TRACKERS = ["wandb>=0.19", "mlflow-skinny>=3.0", "trackio>=0.43"]  # the pip extras wandb, mlflow, trackio
+
 setup(
     name="mftcore",
     version="0.1.0",
@@ -66,10 +68,18 @@ setup(
     # bitsandbytes: the QLoRA merge test quantises a tiny model to nf4 on the CPU (0.50 tested);
     # accelerate: transformers' Trainer needs it (tests/test_hf_trainer.py, the MFTLoss recipe).
     # deepspeed: distributed_type "deepspeed" (0.19.8 tested; tests/test_distributed.py runs ZeRO-2/3 on CPU).
+    # wandb / mlflow / trackio: report_to's trackers (mftcore/trackers.py; tests/train/test_trackers.py reads
+    # back what each logged). None of them depends on torch. mlflow-skinny is MLflow without its server and
+    # UI; its file store is what the tests use (3.17.2 tested). trackio 0.43 is the first with resume and
+    # config read back as tested; it needs pillow < 13 (constraints.txt holds 12.3.0).
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1", "deepspeed>=0.19"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.50", "accelerate>=1.1", "deepspeed>=0.19",
+                 *TRACKERS],
         "qlora": ["bitsandbytes>=0.50"],
         "deepspeed": ["deepspeed>=0.19"],
+        "wandb": [TRACKERS[0]],
+        "mlflow": [TRACKERS[1]],
+        "trackio": [TRACKERS[2]],
     },
     entry_points={"console_scripts": ["mftcore=mftcore.cli:main"]},
     zip_safe=False,

@@ -119,6 +119,16 @@ def add_bench_parser(sub) -> None:
                    help="write the full results here (default without --quick: bench/results/<device>/NAME.json)")
 
 
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="write a run's training report: one self-contained HTML page of plots",
+                       description="mftcore report OUTPUT_DIR: per-task train/valid loss, task weights, tokens per "
+                                   "task, lr, throughput/MFU, memory, evaluation results, config and data report, "
+                                   "from OUTPUT_DIR's metrics.jsonl, run.json and memory.json (train writes "
+                                   "OUTPUT_DIR/report.html itself at its end).")
+    p.add_argument("output_dir", help="a training run's output_dir")
+    p.add_argument("--out", help="the HTML file to write (default: OUTPUT_DIR/report.html)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mftcore", description="Multi-task fine-tuning of code LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -131,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_export_parser(sub)
     add_bench_parser(sub)
+    add_report_parser(sub)
     for subparser in sub.choices.values():  # `mftcore train c.json --debug` as well as `mftcore --debug train`
         subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                help="show tracebacks for user errors")
@@ -196,6 +207,10 @@ def run(args) -> int:
         from mftcore.commands.bench import run_benchmark
 
         return run_benchmark(args.name, args.device, args.quick, args.out)
+    elif args.command == "report":
+        from mftcore.commands.report import write_report
+
+        print(write_report(args.output_dir, args.out))
     return 0
 
 

@@ -24,6 +24,7 @@ from mftcore.data.sources import task_spec
 from mftcore.errors import ConfigError
 from mftcore.io import JsonProblem, parse_json, read_json_object, read_regular_bytes
 from mftcore.loss import LOSS_MODES, MODE_ALIASES, loss_mode
+from mftcore.trackers import report_to_problem
 from mftcore.yamlconfig import YAML_SUFFIXES, parse_yaml
 
 
@@ -180,6 +181,8 @@ class TrainConfig:
     """mftcore: also compute the validation loss before the first step, logged as step 0 (HF's eval_on_start); the training's random streams are untouched."""
     checkpointing_steps: int = 100
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    report_to: Union[str, list[str]] = "tensorboard"
+    """mftcore (HF Trainer's key): where the scalars go besides metrics.jsonl: "tensorboard", "wandb", "mlflow", "trackio", "none", or a list of them (each tracker but TensorBoard is a pip extra: mftcore[wandb])."""
 
     # --- multi-process training (mftcore/parallel/) ---
     distributed_type: Optional[str] = None
@@ -342,6 +345,7 @@ ROLE_KEYS = ("system", "user", "assistant")
 # (key, broken(cfg), message(cfg)): the checks across fields, in the order they are reported.
 RULES = [
     ("data_paths", lambda c: not c.data_paths, lambda c: "required: a list of task directories"),
+    ("report_to", lambda c: report_to_problem(c.report_to), lambda c: report_to_problem(c.report_to)),
     ("task_weights", lambda c: c.task_weights is not None and len(c.task_weights) != len(c.data_paths),
      lambda c: f"{len(c.task_weights)} weights for {len(c.data_paths)} data_paths"),
     ("task_weights", lambda c: c.task_weights is not None and (

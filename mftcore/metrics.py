@@ -1,5 +1,7 @@
-"""Logging: metrics.jsonl (one JSON object per logged step), TensorBoard, a tqdm progress bar with ETA,
-and the throughput figures: tokens/s, achieved TFLOP/s, an MFU estimate and peak memory.
+"""Logging: metrics.jsonl (one JSON object per logged step), TensorBoard and the other trackers of
+report_to (mftcore/trackers.py: every scalar goes through Metrics.write, to all of them), a tqdm
+progress bar with ETA, and the throughput figures: tokens/s, achieved TFLOP/s, an MFU estimate and
+peak memory.
 
 MFU = model FLOPs per second / the accelerator's peak dense FLOP/s. Model FLOPs of one step
 (activation-checkpointing recomputation not counted, so this is MFU, not hardware utilisation):
@@ -26,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mftcore.io import METRICS_FILE, AppendFile, atomic_write_text, open_regular, write_guard
+from mftcore.trackers import Trackers, scalar_tags, tracker_names
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4), ("A100", 312.0),
@@ -37,13 +40,11 @@ class Metrics:
     (`{task}_loss/train`, `{task}_loss/valid`) so existing dashboards keep working."""
 
     def __init__(self, output_dir: str, tb_dir: str | None, total_steps: int, initial_step: int = 0,
-                 enabled: bool = True):
+                 enabled: bool = True, report_to="tensorboard", config: dict | None = None):
         self.enabled = enabled
-        self.bar = None
+        self.bar = self.tb = self.trackers = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         path = os.path.join(output_dir, METRICS_FILE)
         # A fresh run starts a fresh file; a resumed one drops what the stopped run logged after its
         # checkpoint (those steps run again) and appends; TensorBoard purges the same steps.
@@ -51,8 +52,15 @@ class Metrics:
             keep_records_up_to(path, initial_step)
         self.jsonl = AppendFile(path, truncate=not initial_step)
         self.tb_dir = tb_dir or os.path.join(output_dir, "tensorboard")
-        with write_guard(self.tb_dir):
-            self.tb = SummaryWriter(self.tb_dir, purge_step=initial_step + 1 if initial_step else None)
+        if "tensorboard" in tracker_names(report_to):
+            from torch.utils.tensorboard import SummaryWriter
+
+            with write_guard(self.tb_dir):
+                self.tb = SummaryWriter(self.tb_dir, purge_step=initial_step + 1 if initial_step else None)
+                if config is not None and not initial_step:  # the run's config, once (TensorBoard's text tab)
+                    self.tb.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```")
+        self.trackers = Trackers(report_to, output_dir, config or {}, resumed=bool(initial_step), say=self.print)
+        self.started = time.perf_counter()
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
     def advance(self, postfix: dict | None = None) -> None:
@@ -70,15 +78,16 @@ class Metrics:
         task_values = task_values or {}
         record = {"step": step, "split": split, **scalars, "task_loss": task_loss, **task_values}
         self.jsonl.append(json.dumps(record) + "\n")  # whole or not at all, even on a full disk
-        with write_guard(self.tb_dir):  # TensorBoard's writer thread re-raises its write errors here
-            for key, value in scalars.items():
-                if isinstance(value, (int, float)):  # None (e.g. no MFU on CPU) stays out of TensorBoard
-                    self.tb.add_scalar(f"{key}/{split}", value, step)
-            for task, value in task_loss.items():
-                self.tb.add_scalar(f"{task}_loss/{split}", value, step)
-            for key, per_task in task_values.items():
-                for task, value in per_task.items():
-                    self.tb.add_scalar(f"{task}_{key.removeprefix('task_')}/{split}", value, step)
+        tags = scalar_tags(split, scalars, task_loss, task_values)  # None (no MFU on CPU) left out
+        if self.tb is not None:
+            with write_guard(self.tb_dir):  # TensorBoard's writer thread re-raises its write errors here
+                for tag, value in tags.items():
+                    self.tb.add_scalar(tag, value, step)
+        self.trackers.log(step, tags)  # never raises: a failing tracker is reported once and dropped
+
+    def runtime(self) -> float:
+        """Seconds since the loop's logging started (this process: a resumed run counts from its resume)."""
+        return time.perf_counter() - self.started if self.enabled else 0.0
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -92,15 +101,19 @@ class Metrics:
                 self.bar.close()
             self.jsonl.close()
             with contextlib.suppress(Exception):
-                self.tb.close()
+                if self.tb is not None:
+                    self.tb.close()
+            self.trackers.close()
             self.enabled = False
 
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
             self.jsonl.close()
-            with write_guard(self.tb_dir):
-                self.tb.close()
+            if self.tb is not None:
+                with write_guard(self.tb_dir):
+                    self.tb.close()
+            self.trackers.close()
 
 
 class Window:

@@ -26,6 +26,7 @@ import torch
 
 from mftcore import checkpoint, parallel
 from mftcore.codeeval.training import TrainingBenchmarks, benchmark_records, check_benchmarks
+from mftcore.commands.report import read_metrics, summary_lines, write_report, write_run_info
 from mftcore.config import TrainConfig
 from mftcore.data import StepLoader, load_tasks, report_lines
 from mftcore.data.loader import Prefetcher
@@ -48,6 +49,7 @@ from mftcore.outputs import RunLock, check_train_paths
 from mftcore.parallel.comm import sum_numbers, sum_over_ranks
 from mftcore.parallel.engine import SKIP_REASONS
 from mftcore.parallel.tuning import run_shapes, share_kernel_tuning
+from mftcore.trackers import check_trackers
 from mftcore.weighting import build_weighting
 
 
@@ -206,6 +208,7 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     the checkpoint resolve_resume picks, if any."""
     device = env.device
     check_benchmarks(cfg)  # their config errors before anything loads
+    check_trackers(cfg.report_to)  # a tracker's library missing: one line now, not after the model loaded
     if cfg.num_threads:  # on a shared 2-core machine 2 threads ran 4-9x slower than 1 (issue 19)
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -268,16 +271,18 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
         run.upload_weights()
 
     run.metrics = Metrics(cfg.output_dir, cfg.tb_dir, total_steps, initial_step=run.state.step,
-                          enabled=env.rank == 0)
-    for line in report_lines(data, cfg):
-        run.metrics.print(line)
+                          enabled=env.rank == 0, report_to=cfg.report_to, config=cfg.to_dict())
     on = f"{device}" if env.world_size == 1 else f"{env.world_size} ranks ({env.engine}, {device.type})"
-    run.metrics.print(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
-                      f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {on}")
-    for line in plan_lines(cfg, loader, total_steps, len(data.valid)):
+    startup = [*report_lines(data, cfg),
+               f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained "
+               f"({cfg.peft_type or 'full'}, {str(dtype).removeprefix('torch.')}); {total_steps} steps on {on}",
+               *plan_lines(cfg, loader, total_steps, len(data.valid)),
+               f"CPU threads: {torch.get_num_threads()} per process "
+               f"({'num_threads' if cfg.num_threads else 'torch default; set num_threads to change'})"]
+    for line in startup:
         run.metrics.print(line)
-    run.metrics.print(f"CPU threads: {torch.get_num_threads()} per process "
-                      f"({'num_threads' if cfg.num_threads else 'torch default; set num_threads to change'})")
+    if env.rank == 0:  # what `mftcore report` shows of the run besides its curves
+        write_run_info(cfg.output_dir, cfg.to_dict(), data.names, startup, total_steps)
     if saved is not None:
         report_resume(run, resume_from, saved)
     elif mode.needs_initial:  # e.g. CoBa's loss ratios are relative to the losses before training
@@ -482,19 +487,39 @@ def stop_if_asked(run: Run, step: int, path: str, *, stopping: bool) -> None:
 
 
 def finish(run: Run) -> str:
-    """final/: the model with a chat template that renders the training string; the best checkpoint named."""
+    """final/: the model with a chat template that renders the training string; report.html and the summary."""
     set_training_template(run.tokenizer, run.cfg.chat_template, run.cfg.role_markers)
     set_stop_tokens(causal_lm(run.engine.model), run.tokenizer, run.cfg.chat_template)
     final = checkpoint.save_final(run.cfg.output_dir, run.engine, run.tokenizer, run.cfg.to_dict())
-    state = run.state
-    if state.best_step is not None:
-        best = (f"best {run.cfg.metric_for_best} {state.best_metric:.4f}" if state.best_metric is not None
-                else f"best validation loss {state.best_loss:.4f}")
-        run.metrics.print(f"{best} at step {state.best_step} "
-                          f"({os.path.join(run.cfg.output_dir, f'checkpoint-{state.best_step}')})")
-    run.metrics.print(f"saved {final}")
     run.metrics.close()
+    if run.env.rank == 0:
+        print_summary(run, final)
     return final
+
+
+def print_summary(run: Run, final: str) -> None:
+    """report.html (a failure to write it is a warning: the run itself is done), then the end-of-run summary:
+    steps, epochs, tokens, runtime, final losses per task, the best checkpoint, where final/ and the report are."""
+    output_dir, report = run.cfg.output_dir, None
+    try:
+        report = write_report(output_dir)
+    except Exception as e:  # the model is saved; a report that cannot be drawn must not fail the run
+        print(f"mftcore: warning: {os.path.join(output_dir, 'report.html')} not written ({type(e).__name__}: "
+              f"{' '.join(str(e).split())}); `mftcore report {output_dir}` retries", file=sys.stderr)
+    state, cfg = run.state, run.cfg
+    best = None
+    if state.best_step is not None:
+        best_path = os.path.join(output_dir, f"checkpoint-{state.best_step}")
+        best = (f"{best_path} (best {cfg.metric_for_best} {state.best_metric:.4f} at step {state.best_step})"
+                if state.best_metric is not None else
+                f"{best_path} (best validation loss {state.best_loss:.4f} at step {state.best_step})")
+    try:
+        records = read_metrics(output_dir)
+    except Exception:  # already reported above, as the report's failure
+        records = []
+    for line in summary_lines(records, steps=state.step, total_steps=run.total_steps,
+                              runtime_s=run.metrics.runtime(), best=best, final=final, report=report):
+        print(line)
 
 
 class StopRequest:

@@ -13,7 +13,7 @@ LAYERS = [
     ("errors", "io", "integrity", "outputs", "_packing", "kernels", "sandbox", "yamlconfig"),
     ("mftcoder", "data"),
     ("model",),
-    ("loss", "weighting", "metrics", "optim", "parallel"),
+    ("loss", "weighting", "trackers", "metrics", "optim", "parallel"),
     ("config", "evaluate", "checkpoint"),
     ("train", "commands", "codeeval"),  # codeeval generates through commands/generate.py
     ("cli", "__main__", "__init__"),
