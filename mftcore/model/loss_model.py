@@ -61,10 +61,12 @@ class LossModel(torch.nn.Module):
         kwargs = {"reduction": reduction}
         if token_scale is not None:
             kwargs["token_scale"] = token_scale
-        dec = run_decoder(self.model, batch, **({"output_router_logits": True} if moe is not None else {}))
-        out = head_loss(self.model, dec.last_hidden_state, batch, self.num_tasks, self.loss_fn, **kwargs)
         aux = None
-        if moe is not None:
+        if moe is None:
+            out = batch_loss(self.model, batch, self.num_tasks, self.loss_fn, **kwargs)
+        else:
+            dec = run_decoder(self.model, batch, output_router_logits=True)
+            out = head_loss(self.model, dec.last_hidden_state, batch, self.num_tasks, self.loss_fn, **kwargs)
             # A placeholder micro-batch (no real token, see data.batch.empty_batch) adds nothing.
             has_tokens = (batch.task_ids >= 0).any()
             aux = router_aux_loss(dec.router_logits, moe, batch.attention_mask) / aux_divisor * has_tokens
