@@ -271,7 +271,19 @@ TRITON_CANDIDATES = {
     "fp32": [triton_plan(64, 64, 32, 4, 3), triton_plan(128, 64, 32, 4, 3), triton_plan(64, 128, 32, 4, 3)],
     "interpret": [triton_plan(16, 32, 16, 1, 1)],  # small tiles: tests cross many tile edges on tiny shapes
 }
+# With an option on (softcap, label smoothing, z-loss: option_family), kernel 1's epilogue holds more live
+# values: 256x128 spilled up to 120 bytes on sm_90 and 128x128x32/4 warps up to 224 on sm_80 (triton 3.7,
+# bench/results/compile-sm90-sm80/cross_entropy.txt), so those calls choose among tiles that compiled
+# without spills in every option combination; fp32 inputs with options take the cuBLAS path only.
+TRITON_CANDIDATES.update({
+    "sm90_16bit/options": [triton_plan(128, 128, 64, 8, 4)],
+    "sm80_16bit/options": [triton_plan(128, 128, 64, 8, 3), triton_plan(64, 128, 32, 4, 4)],
+    "fp32/options": [],
+    "interpret/options": TRITON_CANDIDATES["interpret"],
+})
 CUBLAS_CANDIDATES = [cublas_plan(bv, w) for bv in (1024, 2048, 4096) for w in (4, 8)]
+# the row kernel with options: 2048 lanes / 4 warps spilled 8 bytes on sm_80 with softcap and z-loss
+CUBLAS_OPTION_CANDIDATES = [cublas_plan(1024, 8), cublas_plan(4096, 8)]
 CUBLAS_INTERPRET = [cublas_plan(32, 1)]
 # The weight-gradient GEMM's tiles; 128x256 and 256x128 spilled 8 bytes on sm_90, 128x128x32 with 4
 # warps 200 bytes and 64x64 8 bytes on sm_80 (triton 3.7), so they are not candidates.
@@ -296,14 +308,23 @@ def device_family(capability, dtype: torch.dtype, interpret: bool) -> str:
     return "sm90_16bit" if capability[0] in (9, 10) else "sm80_16bit"
 
 
+def option_family(family: str, opts: LossOptions) -> str:
+    """The family whose candidates a call with these options chooses from ("<family>/options" when any
+    option constexpr is on; logit_scale never reaches a kernel)."""
+    return family + "/options" if opts.softcap or opts.extra else family
+
+
 def plan_candidates(family: str) -> list:
     """Every plan the tuner may pick on a device family: kernel 1's tiles, then the cuBLAS path's."""
-    return TRITON_CANDIDATES[family] + (CUBLAS_INTERPRET if family == "interpret" else CUBLAS_CANDIDATES)
+    if family.startswith("interpret"):
+        return TRITON_CANDIDATES[family] + CUBLAS_INTERPRET
+    return TRITON_CANDIDATES[family] + (CUBLAS_OPTION_CANDIDATES if family.endswith("/options") else CUBLAS_CANDIDATES)
 
 
 def default_plan(family: str) -> ChunkPlan:
-    """With tuning off: today's tile GEMM at the first candidate of the family (MFTCORE_AUTOTUNE=0)."""
-    return TRITON_CANDIDATES[family][0]
+    """With tuning off: today's tile GEMM at the first candidate of the family (MFTCORE_AUTOTUNE=0); the
+    cuBLAS path where the family has no tile (fp32 with options)."""
+    return plan_candidates(family)[0]
 
 
 def dot_precision(dtype: torch.dtype, interpret: bool) -> str:
@@ -433,12 +454,16 @@ def timer():
     return autotune.counting_timer if interpreted() else autotune.cuda_median_ms
 
 
-def plan_key(hidden, weight, bias, want_grad: bool) -> dict:
-    """(device, dtype, H, V, bias, gradients, token bucket): what the plan's speed depends on."""
+def plan_key(hidden, weight, bias, want_grad: bool, opts: LossOptions = LossOptions()) -> dict:
+    """(device, dtype, H, V, bias, gradients, token bucket, options when on): what the plan's speed depends
+    on (options: their own candidates, option_family)."""
     N, H = hidden.shape
-    return {"device": autotune.device_label(hidden.device, interpreted()), "dtype": str(hidden.dtype)[6:], "H": H,
-            "V": weight.shape[0], "bias": int(bias is not None), "grad": int(want_grad),
-            "N": autotune.shape_bucket(N, 256, 1 << 17)}
+    key = {"device": autotune.device_label(hidden.device, interpreted()), "dtype": str(hidden.dtype)[6:], "H": H,
+           "V": weight.shape[0], "bias": int(bias is not None), "grad": int(want_grad),
+           "N": autotune.shape_bucket(N, 256, 1 << 17)}
+    if opts.softcap or opts.extra:
+        key["options"] = int(bool(opts.softcap)) + 2 * int(bool(opts.label_smoothing)) + 4 * int(bool(opts.z_loss))
+    return key
 
 
 def choose_plan(hidden, weight, bias, labels, row_scale, want_grad: bool, rows_for, buffer_for,
@@ -446,7 +471,7 @@ def choose_plan(hidden, weight, bias, labels, row_scale, want_grad: bool, rows_f
     """The chunk plan for this call (tuned on first use of its key). rows_for(plan) is the plan's chunk
     size, buffer_for(plan, rows) a scratch buffer: each candidate is timed on this call's first chunk, and
     compared by its time for all N rows (ceil(N / C) chunks)."""
-    family = device_family(capability_of(hidden, interpreted()), hidden.dtype, interpreted())
+    family = option_family(device_family(capability_of(hidden, interpreted()), hidden.dtype, interpreted()), opts)
     N = hidden.shape[0]
 
     def measure(plan: ChunkPlan) -> float:
@@ -455,7 +480,7 @@ def choose_plan(hidden, weight, bias, labels, row_scale, want_grad: bool, rows_f
         args = (hidden[:rows], weight, bias, labels[:rows], row_scale[:rows], want_grad, buf, plan, opts)
         return timer()(lambda: chunk_step(*args)) * triton.cdiv(N, rows)
 
-    return autotune.choose("cross_entropy", plan_key(hidden, weight, bias, want_grad), plan_candidates(family),
+    return autotune.choose("cross_entropy", plan_key(hidden, weight, bias, want_grad, opts), plan_candidates(family),
                            default_plan(family), measure, mode=tuning_mode(hidden))
 
 

@@ -187,36 +187,29 @@ def varlen_attention_candidate_launches() -> list[Launch]:
     return distinct(out)
 
 
-def ce_option_sets():
-    """The plain loss, then its option constexprs: SOFTCAP alone; label smoothing (kernel 1's SUM_LOGITS and
-    EXTRA); z-loss alone (EXTRA); all together (SOFTCAP, SUM_LOGITS, EXTRA: the most registers)."""
+def ce_option_sets(family: str) -> list:
+    """The plain loss on a family; on its "/options" family, options that make every constexpr combination:
+    kernel 1's (SOFTCAP, SUM_LOGITS) and the row and gradient kernels' (SOFTCAP, EXTRA)."""
     from mftcore.kernels.cross_entropy_reference import LossOptions
 
-    return [LossOptions(), LossOptions(softcap=30.0), LossOptions(label_smoothing=0.1), LossOptions(z_loss=1e-4),
+    if not family.endswith("/options"):
+        return [LossOptions()]
+    return [LossOptions(softcap=30.0), LossOptions(label_smoothing=0.1), LossOptions(z_loss=1e-4),
             LossOptions(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)]
 
 
-CE_OPTION_SETS = ce_option_sets()
-
-
-def ce_variant_compiled(cek, plan, is_default: bool, dtype, opts, bias: int, want_grad: int, V: int) -> bool:
-    """Which (plan, options, bias, gradient, V) launches the compile test makes. The plain loss: as before
-    (fp16 compiles as bf16 does, one plan of each path stands for the others; V=1000 at the default only).
-    All options together (the superset of the option constexprs, the most registers): in bf16 at every
-    candidate of both paths, in fp16 and fp32 at the default plan of each path; with bias and gradient, and
-    without either. Each option alone: at the default plan of each path with every bias/gradient pair.
-    Options in fp32 with IEEE dots only (TF32 changes the dot, not the option code)."""
+def ce_variant_compiled(cek, plan, is_default: bool, dtype, options: bool, bias: int, want_grad: int, V: int) -> bool:
+    """Which launches the compile test makes: fp16 compiles as bf16 does, so one plan of each path stands
+    for the others (with options: with bias and gradient, and without either); V=1000 (unaligned) at the
+    default of the plain family only."""
     import torch
 
-    default_of_path = is_default or plan == cek.CUBLAS_CANDIDATES[0]
-    plain = not (opts.softcap or opts.extra)
-    if plain:
-        return (dtype != torch.float16 or default_of_path) and (V == 1024 or is_default)
-    if V != 1024 or (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
-        return False
-    if opts == CE_OPTION_SETS[-1]:
-        return bias == want_grad and (dtype == torch.bfloat16 or default_of_path)
-    return default_of_path and dtype != torch.float16
+    if V == 1000:
+        return is_default and not options
+    if dtype == torch.float16:
+        first = cek.CUBLAS_OPTION_CANDIDATES[0] if options else cek.CUBLAS_CANDIDATES[0]
+        return (is_default or plan == first) and (not options or bias == want_grad)
+    return True
 
 
 def cross_entropy_launches(families=None) -> list[Launch]:
@@ -230,10 +223,11 @@ def cross_entropy_launches(families=None) -> list[Launch]:
 
     cek = importlib.import_module("mftcore.kernels.cross_entropy_kernels")
     ce = importlib.import_module("mftcore.kernels.cross_entropy")
-    families = families or ("sm90_16bit", "sm80_16bit", "fp32")
+    families = families or ("sm90_16bit", "sm80_16bit", "fp32", "sm90_16bit/options", "sm80_16bit/options",
+                            "fp32/options")
     out = {}
     for family in families:
-        dtypes = [torch.float32] if family == "fp32" else [torch.bfloat16, torch.float16]
+        dtypes = [torch.float32] if family.startswith("fp32") else [torch.bfloat16, torch.float16]
         plans = cek.plan_candidates(family)
         with captured_launches(cek) as seen:
             for dtype in dtypes:
@@ -241,10 +235,11 @@ def cross_entropy_launches(families=None) -> list[Launch]:
                     torch.backends.cuda.matmul.allow_tf32 = tf32
                     for plan in plans:
                         is_default = plan == cek.default_plan(family)
-                        for opts in CE_OPTION_SETS:
+                        for opts in ce_option_sets(family):
                             for bias, want_grad, V in ((0, 0, 1024), (0, 1, 1024), (1, 1, 1024), (1, 0, 1024),
                                                        (0, 1, 1000)):
-                                if not ce_variant_compiled(cek, plan, is_default, dtype, opts, bias, want_grad, V):
+                                if not ce_variant_compiled(cek, plan, is_default, dtype, family.endswith("/options"),
+                                                           bias, want_grad, V):
                                     continue
                                 h = torch.zeros(64, 256, dtype=dtype)
                                 w = torch.zeros(V, 256, dtype=dtype)
@@ -252,7 +247,7 @@ def cross_entropy_launches(families=None) -> list[Launch]:
                                 labels, scale = torch.zeros(64, dtype=torch.long), torch.zeros(64)
                                 buf = ce.chunk_buffer(h, 64, V)
                                 cek.chunk_step(h, w, b, labels, scale, bool(want_grad), buf, plan, opts)
-                    if dtype != torch.float32:
+                    if dtype != torch.float32 and family in cek.GRAD_W_CANDIDATES:
                         for tile in cek.GRAD_W_CANDIDATES[family]:
                             cek.accumulate_grad_weight(torch.zeros(1024, 256), torch.zeros(64, 1024, dtype=dtype),
                                                        torch.zeros(64, 256, dtype=dtype), tile)
