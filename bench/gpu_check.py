@@ -90,6 +90,8 @@ def dry_run_kwargs() -> dict:
         ("bench_cross_entropy", "gpu_correctness"): {"device": "cpu", "cases": [(33, 48, 77, True)]},
         ("bench_cross_entropy", "gpu_benchmarks"): {"device": "cpu", "shape": (64, 32, 100), "dtype": torch.float32,
                                                     "timer": cpu_timer, "peak": None, "sweep": False},
+        ("bench_cross_entropy", "gpu_option_benchmarks"): {"device": "cpu", "shape": (64, 32, 100),
+                                                           "dtype": torch.float32, "timer": cpu_timer, "peak": None},
         ("bench_train_step", "gpu_benchmarks"): {"device": "cpu", "model_config": tiny_llama, "n_samples": 12,
                                                  "seq_length": 128, "batch_size": 2, "dtype": torch.float32,
                                                  "warmup_steps": 1},
@@ -100,6 +102,7 @@ def dry_run_kwargs() -> dict:
 CHECKS = [
     Check("bench_cross_entropy", "gpu_correctness", 40),
     Check("bench_cross_entropy", "gpu_benchmarks", 90),  # + tuning on a cold cache: ~18 candidates to compile
+    Check("bench_cross_entropy", "gpu_option_benchmarks", 60),  # 7 rows; each option family tunes its own plan
     Check("bench_train_step", "gpu_benchmarks", 120),
     Check("bench_varlen_attention", "gpu_correctness", 40),
     Check("bench_varlen_attention", "gpu_benchmarks", 90),

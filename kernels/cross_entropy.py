@@ -46,6 +46,8 @@ from .cross_entropy_kernels import accumulate_grad_weight, choose_grad_tile, cho
 from .cross_entropy_reference import (
     REDUCTIONS,
     CrossEntropyOutput,
+    LossOptions,
+    check_options,
     check_reduction,
     chunk_logits_grad_torch,
     fused_linear_cross_entropy_reference,
@@ -54,6 +56,7 @@ from .cross_entropy_reference import (
     num_tasks_of,
     softmax_grad_torch,
     task_mean_scales,
+    token_loss,
 )
 from .dispatch import ANY_DTYPE, uses_triton
 
@@ -92,7 +95,7 @@ def token_scales(labels, task_ids, num_tasks: int, reduction: str, task_weights=
     counts = torch.zeros(num_tasks, dtype=torch.float32, device=labels.device).index_add_(0, tasks, valid.float())
     if reduction == "token_mean":
         scale = valid.float() / counts.sum().clamp(min=1)
-    elif reduction == "sum":
+    elif reduction in ("sum", "none"):
         scale = valid.float() if token_scale is None else torch.where(valid, token_scale.reshape(-1).float(), 0.0)
     else:
         scale = torch.where(valid, task_mean_scales(counts, task_weights)[tasks], 0.0)
@@ -120,15 +123,16 @@ def accumulation_dtype(weight_dtype, compute_dtype, accum_dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------- chunk loop
-def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path: bool, acc_dtype=None):
-    """The chunk loop of the fused op: ce [N] and the r-scaled gradients (None where not wanted); grad_W in
-    acc_dtype (default hidden's)."""
+def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path: bool, acc_dtype=None,
+               opts: LossOptions = LossOptions()):
+    """The chunk loop of the fused op: per-token loss [N], lse [N], hit [N] (target is the row max) and the
+    r-scaled gradients (None where not wanted); grad_W in acc_dtype (default hidden's)."""
     N, H = hidden.shape
     V = weight.shape[0]
     want_grad = any(want)
     if torch.is_autocast_enabled(hidden.device.type):  # dtypes here are chosen, not autocast's
         with torch.autocast(hidden.device.type, enabled=False):
-            return run_chunks(hidden, weight, bias, labels, row_scale, want, triton_path, acc_dtype)
+            return run_chunks(hidden, weight, bias, labels, row_scale, want, triton_path, acc_dtype, opts)
     acc_dtype = acc_dtype or hidden.dtype
     itemsize = hidden.element_size()
     plan = grad_tile = None
@@ -138,21 +142,26 @@ def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path
             return chunk_rows(N, H, V, itemsize, True, want_grad or p.path == "cublas")
 
         plan = choose_plan(hidden, weight, bias, labels, row_scale, want_grad, rows_for,
-                           lambda p, r: chunk_buffer(hidden, r, V))
+                           lambda p, r: chunk_buffer(hidden, r, V), opts)
         rows = rows_for(plan)
     buffer = chunk_buffer(hidden, rows, V) if triton_path and (want_grad or plan.path == "cublas") else None
     grad_h = torch.empty_like(hidden) if want[0] else None
     grad_w = torch.zeros(V, H, dtype=acc_dtype, device=hidden.device) if want[1] else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=hidden.device) if want[2] else None
     ce = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(ce)
+    hit = torch.empty(N, dtype=torch.bool, device=hidden.device)
     for s in range(0, N, rows):
         h = hidden[s:s + rows]
         if triton_path:
-            ce[s:s + rows], g = chunk_step(h, weight, bias, labels[s:s + rows], row_scale[s:s + rows], want_grad,
-                                           buffer, plan)
+            stats, g = chunk_step(h, weight, bias, labels[s:s + rows], row_scale[s:s + rows], want_grad,
+                                  buffer, plan, opts)
         else:
-            ce[s:s + rows], g = chunk_logits_grad_torch(h, weight, bias, labels[s:s + rows],
-                                                        row_scale[s:s + rows], want_grad)
+            stats, g = chunk_logits_grad_torch(h, weight, bias, labels[s:s + rows], row_scale[s:s + rows],
+                                               want_grad, opts)
+        ce[s:s + rows] = token_loss(stats, V, opts)
+        lse[s:s + rows] = stats.lse
+        hit[s:s + rows] = stats.target >= stats.row_max
         if grad_h is not None:
             torch.mm(g, weight, out=grad_h[s:s + rows])
         if grad_w is not None:
@@ -166,16 +175,17 @@ def run_chunks(hidden, weight, bias, labels, row_scale, want: tuple, triton_path
         if grad_b is not None:
             grad_b += g.sum(dim=0, dtype=torch.float32)
         del g  # else the CPU path holds two chunks of logits while computing the next
-    return ce, grad_h, grad_w, grad_b
+    return ce, lse, hit, grad_h, grad_w, grad_b
 
 
 def reduce_ce(ce, valid, tasks, scale, num_tasks: int, bad=None):
-    """loss = sum_i c_i * ce_i and the per-task ce sums, both fp32; `bad` tokens' ce is NaN."""
+    """loss = sum_i c_i * ce_i and the per-task ce sums, both fp32; `bad` tokens' ce is NaN. Also returns
+    the masked per-token ce."""
     ce = torch.where(valid, ce, 0.0)
     if bad is not None:
         ce = torch.where(bad, float("nan"), ce)
     task_sum = torch.zeros(num_tasks, dtype=torch.float32, device=ce.device).index_add_(0, tasks, ce)
-    return (scale * ce).sum(), task_sum
+    return (scale * ce).sum(), task_sum, ce
 
 
 # ---------------------------------------------------------------------------- the custom op
@@ -184,69 +194,113 @@ def fused_linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     tasks: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, num_tasks: int, grad_hidden: bool,
     grad_weight: bool, grad_bias: bool, accum_dtype: Optional[torch.dtype], scale_in_place: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss, task_sum, grad_hidden, grad_weight, grad_bias, c_max): the gradients r-scaled, each an
-    empty [0] tensor when not asked for; grad_weight in accumulation_dtype(...). scale_in_place: the caller
-    never reads the gradient outputs, so the backward may scale them in place (see _backward)."""
-    h = hidden.contiguous()
+    label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0, logit_scale: float = 1.0,
+    recompute: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """-> (loss, task_sum, grad_hidden, grad_weight, grad_bias, c_max, token_loss [N], token_z_loss [N],
+    task_correct [K]): loss = sum_i scale_i * l_i, token_loss the masked l_i, token_z_loss the masked
+    z_loss * lse_i^2 (a part of l_i); the gradients r-scaled (with respect to the scaled hidden / bias: the backward applies
+    logit_scale), each an empty [0] tensor when not asked for or with `recompute`; grad_weight in
+    accumulation_dtype(...). scale_in_place: the caller never reads the gradient outputs, so the backward may
+    scale them in place (see _backward). recompute (reduction="none"): no gradient is made here; the
+    backward runs this op again with the upstream per-token gradient as the scale."""
+    opts = LossOptions(label_smoothing, z_loss, softcap, logit_scale)
+    h = hidden.contiguous() if logit_scale == 1.0 else hidden * logit_scale  # folded into the GEMM's input
     w = weight.to(hidden.dtype).contiguous()
     b = None if bias is None else bias.to(hidden.dtype).contiguous()
+    if b is not None and logit_scale != 1.0:
+        b = b * logit_scale
     c_max, r = split_scale(scale)
     bad = out_of_range(labels, valid, w.shape[0])
     r = torch.where(bad, float("nan"), r)
     acc = accumulation_dtype(weight.dtype, hidden.dtype, accum_dtype)
-    want = (grad_hidden, grad_weight, grad_bias and bias is not None)
-    ce, gh, gw, gb = run_chunks(h, w, b, labels, r, want, uses_triton(h, cuda_dtypes=ANY_DTYPE), acc)
-    loss, task_sum = reduce_ce(ce, valid, tasks, scale, num_tasks, bad)
+    want = (False, False, False) if recompute else (grad_hidden, grad_weight, grad_bias and bias is not None)
+    ce, lse, hit, gh, gw, gb = run_chunks(h, w, b, labels, r, want, uses_triton(h, cuda_dtypes=ANY_DTYPE), acc,
+                                          opts)
+    loss, task_sum, tok = reduce_ce(ce, valid, tasks, scale, num_tasks, bad)
+    zl = torch.where(valid, z_loss * lse * lse, 0.0)
+    correct = torch.zeros(num_tasks, dtype=torch.float32, device=hidden.device).index_add_(
+        0, tasks, (valid & hit & ~bad).float())
 
     def empty(dtype=hidden.dtype):  # a fresh one each: the outputs of a custom op may not alias
         return hidden.new_empty(0, dtype=dtype)
 
     return loss, task_sum, empty() if gh is None else gh, empty() if gw is None else gw, \
-        empty(torch.float32) if gb is None else gb, c_max
+        empty(torch.float32) if gb is None else gb, c_max, tok, zl, correct
 
 
 @fused_linear_cross_entropy_op.register_fake
 def _fused_linear_cross_entropy_fake(hidden, weight, bias, labels, tasks, valid, scale, num_tasks, grad_hidden,
-                                     grad_weight, grad_bias, accum_dtype, scale_in_place):
+                                     grad_weight, grad_bias, accum_dtype, scale_in_place, label_smoothing=0.0,
+                                     z_loss=0.0, softcap=0.0, logit_scale=1.0, recompute=False):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     acc = accumulation_dtype(weight.dtype, hidden.dtype, accum_dtype)
-    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0)
-    gw = weight.new_empty(weight.shape, dtype=acc) if grad_weight else hidden.new_empty(0)
-    gb = torch.empty(weight.shape[0], **f32) if grad_bias and bias is not None else torch.empty(0, **f32)
-    return torch.empty((), **f32), torch.empty(num_tasks, **f32), gh, gw, gb, scale.new_empty(())
+    want = not recompute
+    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden and want \
+        else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape, dtype=acc) if grad_weight and want else hidden.new_empty(0)
+    gb = torch.empty(weight.shape[0], **f32) if grad_bias and bias is not None and want else torch.empty(0, **f32)
+    return (torch.empty((), **f32), torch.empty(num_tasks, **f32), gh, gw, gb, scale.new_empty(()),
+            torch.empty(hidden.shape[0], **f32), torch.empty(hidden.shape[0], **f32), torch.empty(num_tasks, **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias = inputs[:3]
-    _, task_sum, gh, gw, gb, c_max = output
-    ctx.save_for_backward(gh, gw, gb, c_max)
+    hidden, weight, bias, labels, tasks, valid, scale = inputs[:7]
+    _, task_sum, gh, gw, gb, c_max, tok, z_tok, correct = output
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.wanted, ctx.in_place = inputs[8:11], inputs[12]
+    ctx.options, ctx.recompute = inputs[13:17], inputs[17]
+    ctx.num_tasks, ctx.accum_dtype = inputs[7], inputs[11]
     ctx.spent = False
-    ctx.mark_non_differentiable(task_sum, gh, gw, gb, c_max)
+    if ctx.recompute:
+        ctx.save_for_backward(hidden, weight, bias, labels, tasks, valid, scale)
+        ctx.mark_non_differentiable(task_sum, gh, gw, gb, c_max, z_tok, correct)
+    else:
+        ctx.save_for_backward(gh, gw, gb, c_max)
+        ctx.mark_non_differentiable(task_sum, gh, gw, gb, c_max, tok, z_tok, correct)
 
 
-def _backward(ctx, grad_loss, *unused):
-    """The stored gradients times grad_output * c_max. In place when the caller said it drops them
-    (scale_in_place; the public function does) and this is eager mode: no second copy of grad_W, which is
-    2 GB in fp32 at V=128k, H=4096. Out of place otherwise: a traced graph (torch.compile, opcheck) must
-    not mutate saved tensors, and a caller holding the outputs must not see them change. Traced tensors
-    are subclasses (FunctionalTensor, FakeTensor); eager ones are plain tensors."""
+def _scaled(ctx, grads, f, in_place: bool):
+    """Each wanted gradient times f (hidden's and bias's times logit_scale too), in its input's dtype."""
+    logit_scale = ctx.options[3]
+    out = []
+    for i, (wanted, g, dtype) in enumerate(zip(ctx.wanted, grads, ctx.dtypes)):
+        if not wanted or dtype is None:
+            out.append(None)
+            continue
+        fi = f if i == 1 or logit_scale == 1.0 else f * logit_scale
+        out.append((g.mul_(fi) if in_place else g * fi).to(dtype))  # a 16-bit gradient is scaled in its dtype
+    return out
+
+
+def _backward(ctx, grad_loss, _task_sum, _gh, _gw, _gb, _c_max, grad_token_loss, *unused):
+    """Stored gradients (every reduction but "none"): the stored ones times grad_output * c_max. In place
+    when the caller said it drops them (scale_in_place; the public function does) and this is eager mode:
+    no second copy of grad_W, which is 2 GB in fp32 at V=128k, H=4096. Out of place otherwise: a traced
+    graph (torch.compile, opcheck) must not mutate saved tensors, and a caller holding the outputs must not
+    see them change. Traced tensors are subclasses (FunctionalTensor, FakeTensor); eager ones are plain.
+
+    recompute ("none"): the per-token upstream gradient u (plus grad_loss * scale) is only known now, so the
+    op runs again with u as the token scale, which puts u_i into row i of the logits gradient before both
+    GEMMs (grad_W = G^T h with G's rows already scaled: the weight gradient Liger's "none" once got wrong)."""
+    if ctx.recompute:
+        hidden, weight, bias, labels, tasks, valid, scale = ctx.saved_tensors
+        u = torch.zeros_like(scale) if grad_token_loss is None else grad_token_loss.float()
+        if grad_loss is not None:
+            u = u + grad_loss.float() * scale
+        out = torch.ops.mftcore.fused_linear_cross_entropy(
+            hidden, weight, bias, labels, tasks, valid, torch.where(valid, u, 0.0), ctx.num_tasks, *ctx.wanted,
+            ctx.accum_dtype, True, *ctx.options, False)
+        grads, c_max = out[2:5], out[5]
+        return (*_scaled(ctx, grads, c_max, type(c_max) is torch.Tensor), *(None,) * 15)
     if ctx.spent:
         raise RuntimeError("fused_linear_cross_entropy: backward twice through the same call "
                            "(its gradients are computed in the forward and scaled in place)")
     gh, gw, gb, c_max = ctx.saved_tensors
     in_place = ctx.in_place and type(c_max) is torch.Tensor
     ctx.spent = in_place
-    f = grad_loss.float() * c_max
-    out = []
-    for wanted, g, dtype in zip(ctx.wanted, (gh, gw, gb), ctx.dtypes):
-        if not wanted or dtype is None:
-            out.append(None)
-        else:  # a 16-bit gradient is scaled in its own dtype, as before the op existed
-            out.append((g.mul_(f) if in_place else g * f).to(dtype))
-    return (*out, *(None,) * 10)
+    return (*_scaled(ctx, (gh, gw, gb), grad_loss.float() * c_max, in_place), *(None,) * 15)
 
 
 fused_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -266,10 +320,25 @@ def fused_linear_cross_entropy(
     reduction: str = "task_mean",
     ignore_index: int = -100,
     accum_dtype: Optional[torch.dtype] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
 ) -> CrossEntropyOutput:
     """Cross-entropy of hidden @ weight.T (+ bias) against labels, reduced per task, never holding the
-    N x V logits. See the module docstring (accum_dtype: grad_W's accumulator)."""
+    N x V logits. See the module docstring (accum_dtype: grad_W's accumulator).
+
+    Options (cross_entropy_reference's docstring has the formulas): logit_scale multiplies the logits
+    (Cohere; Granite's 1/logits_scaling), softcap soft-caps them (c * tanh(x / c), Gemma2), label_smoothing
+    is F.cross_entropy's, z_loss adds z_loss * lse^2 to each valid token's loss. The z-loss enters every
+    reduction as a part of the per-token loss l_i: token_mean sum_i l_i / n, task_mean through each task's
+    mean, sum sum_i c_i l_i, none l_i itself; `out.z_loss` is that part alone, reduced the same way (for
+    logging: no gradient flows through it), and task_loss_sum includes it.
+    reduction="none": out.loss [N] (0 for ignored tokens), any upstream gradient; its gradients are made in
+    the backward by a second pass (8*N*H*V FLOPs instead of 6). out.task_correct_count: per task, the valid
+    tokens whose target logit is the row's largest, from the same pass (no second look at the logits)."""
     check_reduction(reduction, token_scale)
+    opts = check_options(label_smoothing, z_loss, softcap, logit_scale)
     K = num_tasks_of(task_ids, num_tasks, task_weights)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).long()
@@ -277,14 +346,19 @@ def fused_linear_cross_entropy(
     scale, tasks, valid, counts = token_scales(labels, task_ids, K, reduction, task_weights, token_scale,
                                                ignore_index)
     if hidden.shape[0] == 0:  # an empty micro-batch (e.g. a rank without loss tokens): zero, but connected
-        return CrossEntropyOutput(hidden.sum().float() * 0, torch.zeros_like(counts), counts)
+        zero = hidden.sum(dim=1).float() * 0 if reduction == "none" else hidden.sum().float() * 0
+        return CrossEntropyOutput(zero, torch.zeros_like(counts), counts, zero.detach().clone(),
+                                  torch.zeros_like(counts))
     grad = torch.is_grad_enabled()
     want = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     # Autocast-style: a bf16 decoder and an fp32 head run in bf16; the op returns each gradient in its
     # input's dtype (the fp32 head's accumulated in fp32).
-    loss, task_sum, *_ = torch.ops.mftcore.fused_linear_cross_entropy(
-        hidden, weight, bias, labels, tasks, valid, scale, K, *want, accum_dtype, True)
-    return CrossEntropyOutput(loss, task_sum, counts)
+    loss, task_sum, _, _, _, _, tok, zl, correct = torch.ops.mftcore.fused_linear_cross_entropy(
+        hidden, weight, bias, labels, tasks, valid, scale, K, *want, accum_dtype, True, *opts,
+        reduction == "none" and any(want))
+    if reduction == "none":
+        return CrossEntropyOutput(tok, task_sum, counts, zl, correct)
+    return CrossEntropyOutput(loss, task_sum, counts, (scale * zl).sum(), correct)
 
 
 # ------------------------------------------------------------------------- for callers with logits
@@ -295,7 +369,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         lse = logsumexp_rows_torch(logits, max(1, CHUNK_BYTES_FLOOR // (8 * V)))
         target = logits.gather(1, labels.clamp(0, V - 1).unsqueeze(1)).squeeze(1).float()
         bad = out_of_range(labels, valid, V)
-        loss, task_sum = reduce_ce(lse - target, valid, tasks, scale, num_tasks, bad)
+        loss, task_sum, _ = reduce_ce(lse - target, valid, tasks, scale, num_tasks, bad)
         ctx.save_for_backward(logits, labels, lse, torch.where(bad, float("nan"), scale))
         ctx.mark_non_differentiable(task_sum)
         return loss, task_sum
@@ -327,8 +401,11 @@ def masked_cross_entropy(
     ignore_index: int = -100,
 ) -> CrossEntropyOutput:
     """For callers that already hold logits [N, V]: the same reductions as the fused op. Holds one fp32
-    row chunk at a time (never an fp32 copy of bf16 logits); the gradient kernel is Triton on a GPU."""
+    row chunk at a time (never an fp32 copy of bf16 logits); the gradient kernel is Triton on a GPU. No
+    options and no reduction="none" here (the fused op has them)."""
     check_reduction(reduction, token_scale)
+    if reduction == "none":
+        raise ValueError("reduction='none' is fused_linear_cross_entropy's only")
     K = num_tasks_of(task_ids, num_tasks, task_weights)
     logits = logits.reshape(-1, logits.shape[-1]).contiguous()
     labels = labels.reshape(-1).long()

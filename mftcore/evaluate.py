@@ -1,9 +1,8 @@
 """Validation: per-task loss and next-token accuracy over the validation samples, and the small cyclic
 sampler that feeds the dynamic weighting modes (self-paced, CoBa) a few validation batches at a time.
 
-Loss comes from the fused cross-entropy (never the N x V logits). Accuracy needs an argmax over the
-vocabulary, so evaluation alone computes logits, for the loss tokens only and in row chunks of at most
-`LOGIT_CHUNK_ELEMENTS` floats (mftcore.model.loss_model).
+Loss and accuracy both come from the fused cross-entropy (never the N x V logits): the op counts, per
+task, the loss tokens whose target logit is the row's largest in the same pass that makes the loss.
 
 With several ranks, rank r evaluates batches r, r + W, r + 2W, ... and the sums are all-reduced, so
 every rank gets the whole result. Every rank runs the same number of forwards (FSDP2 and ZeRO-3

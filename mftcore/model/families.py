@@ -7,6 +7,8 @@ MFTCoder's "starcoder" is HF's gpt_bigcode. Each entry gives
 - the LoRA target modules: every linear layer of the decoder except the LM head and MoE routers
   (MFTCoder's "all-linear"), spelled out so that adapters name the same modules on every version;
 - the decoder-layer class, the unit that FSDP wraps and activation checkpointing recomputes.
+Heads that transform their logits (Gemma2's final soft-cap, Cohere's logit_scale, Granite's logits_scaling)
+are applied by the fused loss itself (`loss_options`), so those families train without logits.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ FAMILIES = {
     "phi": Family(("phi",), "<|endoftext|>", ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
                   "PhiDecoderLayer"),
     "gemma": Family(("gemma",), "<eos>", ATTN + GATED_MLP, "GemmaDecoderLayer"),
+    # final_logit_softcapping (30 on the released models): the fused loss soft-caps its logits.
+    "gemma2": Family(("gemma2",), "<eos>", ATTN + GATED_MLP, "Gemma2DecoderLayer"),
+    # Command-R: logits times logit_scale (0.0625 on the released models), applied by the fused loss.
+    "cohere": Family(("cohere",), "<|END_OF_TURN_TOKEN|>", ATTN + GATED_MLP, "CohereDecoderLayer"),
 }
 
 # MFTCoder's spellings of the same families.
@@ -71,13 +77,27 @@ def check_model_matches(model_type: str | None, config) -> None:
                           f"but the model's config.json says model_type {config.model_type!r}")
 
 
+def loss_options(config) -> dict:
+    """The fused loss's softcap / logit_scale keywords that reproduce the HF head's logits transform:
+    Gemma2/3's final_logit_softcapping, Cohere's logit_scale (a multiplier), Granite's logits_scaling (a
+    divisor). {} for a plain head."""
+    out = {}
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        out["softcap"] = float(softcap)
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    if scale != 1.0:
+        out["logit_scale"] = scale
+    return out
+
+
 def check_loss_compatible(config) -> None:
-    """The fused loss applies the LM head as a plain linear layer: refuse heads that transform logits."""
-    # gemma2/3 soft-cap, cohere scales by logit_scale, granite divides by logits_scaling.
-    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
-        if getattr(config, key, None) not in (None, neutral):
-            raise ConfigError(f"model: {config.model_type} applies {key}={getattr(config, key)} to its logits, "
-                              "which the fused cross-entropy does not do yet")
+    """The head's logit transform must be one the fused loss applies: a positive soft-cap and scale."""
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, key, None)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ConfigError(f"model: {config.model_type} has {key}={value!r}; the fused cross-entropy "
+                              "applies a positive soft-cap or logit scale only")
 
 
 def lora_target_modules(model_type: str | None):

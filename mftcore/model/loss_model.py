@@ -3,8 +3,10 @@
 Calling the decoder and the LM head weight from outside would bypass a wrapper's forward: DDP would
 not prepare its gradient reduction, FSDP2 would not unshard the root's parameters (embeddings, final
 norm, LM head), ZeRO-3 would not gather them. So the trainer and the evaluation call one module,
-`LossModel`, whose forward runs decoder -> fused linear cross-entropy (-> MoE auxiliary loss, -> the
-tokens whose argmax is the label, for evaluation) and returns only small tensors, never logits.
+`LossModel`, whose forward runs decoder -> fused linear cross-entropy (-> MoE auxiliary loss) and returns
+only small tensors, never logits. The fused op also counts the tokens whose argmax is the label, in the
+same pass (evaluation reads them), and applies the head's logit transform (families.loss_options: Gemma2's
+soft-cap, Cohere's and Granite's scales) from the model's config.
 
 `batch_loss` / `head_loss` are the same computation as plain functions, for code that holds the bare
 model (other trainers); the single-process numbers are identical either way.
@@ -16,12 +18,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from mftcore.data.batch import IGNORE_INDEX
 from mftcore.kernels import fused_linear_cross_entropy
 from mftcore.model.decoder import lm_head, run_decoder
+from mftcore.model.families import loss_options
 from mftcore.model.moe import router_aux_loss
-
-LOGIT_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of fp32 logits per chunk when counting correct tokens
 
 
 class LossOutput(NamedTuple):
@@ -34,29 +34,16 @@ class LossOutput(NamedTuple):
 
 def head_loss(model, hidden, batch, num_tasks: int, loss_fn=fused_linear_cross_entropy, **loss_kwargs):
     """Fused linear + cross-entropy of final hidden states [B, L, H] against the LM head (loss_fn: the
-    fused op, or its compiled form, mftcore/model/compile.py)."""
+    fused op, or its compiled form, mftcore/model/compile.py), with the head's logit transform."""
     head = lm_head(model)
     return loss_fn(
         hidden.flatten(0, 1), head.weight, batch.labels.flatten(), batch.task_ids.flatten(),
-        bias=head.bias, num_tasks=num_tasks, **loss_kwargs)
+        bias=head.bias, num_tasks=num_tasks, **loss_options(model.config), **loss_kwargs)
 
 
 def batch_loss(model, batch, num_tasks: int, loss_fn=fused_linear_cross_entropy, **loss_kwargs):
     """Decoder -> final hidden states -> fused linear + cross-entropy against the LM head."""
     return head_loss(model, run_decoder(model, batch).last_hidden_state, batch, num_tasks, loss_fn, **loss_kwargs)
-
-
-def count_correct(hidden: torch.Tensor, head, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int):
-    """[K] count of loss tokens whose argmax logit is the label, logits built chunk by chunk."""
-    valid = labels != IGNORE_INDEX
-    h, y, t = hidden[valid], labels[valid], task_ids[valid]
-    correct = torch.zeros(num_tasks, device=hidden.device)
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-    for i in range(0, h.shape[0], rows):
-        logits = torch.nn.functional.linear(h[i:i + rows], head.weight, head.bias)
-        hit = (logits.argmax(-1) == y[i:i + rows]).float()
-        correct.index_add_(0, t[i:i + rows], hit)
-    return correct
 
 
 class LossModel(torch.nn.Module):
@@ -74,20 +61,17 @@ class LossModel(torch.nn.Module):
         kwargs = {"reduction": reduction}
         if token_scale is not None:
             kwargs["token_scale"] = token_scale
-        if moe is None and not with_accuracy:
-            return LossOutput(*batch_loss(self.model, batch, self.num_tasks, self.loss_fn, **kwargs))
-        dec = run_decoder(self.model, batch, **({"output_router_logits": True} if moe is not None else {}))
-        hidden = dec.last_hidden_state
-        out = head_loss(self.model, hidden, batch, self.num_tasks, self.loss_fn, **kwargs)
-        aux = correct = None
-        if moe is not None:
+        aux = None
+        if moe is None:
+            out = batch_loss(self.model, batch, self.num_tasks, self.loss_fn, **kwargs)
+        else:
+            dec = run_decoder(self.model, batch, output_router_logits=True)
+            out = head_loss(self.model, dec.last_hidden_state, batch, self.num_tasks, self.loss_fn, **kwargs)
             # A placeholder micro-batch (no real token, see data.batch.empty_batch) adds nothing.
             has_tokens = (batch.task_ids >= 0).any()
             aux = router_aux_loss(dec.router_logits, moe, batch.attention_mask) / aux_divisor * has_tokens
-        if with_accuracy:
-            correct = count_correct(hidden.flatten(0, 1), lm_head(self.model), batch.labels.flatten(),
-                                    batch.task_ids.flatten(), self.num_tasks)
-        return LossOutput(*out, aux_loss=aux, task_correct=correct)
+        return LossOutput(out.loss, out.task_loss_sum, out.task_token_count, aux_loss=aux,
+                          task_correct=out.task_correct_count if with_accuracy else None)
 
 
 def as_loss_model(model, num_tasks: int):

@@ -37,7 +37,8 @@ def test_eager_baseline_is_the_same_loss():
 
 def test_correctness_report_on_cpu():
     result = bench.gpu_correctness("cpu", dtypes=(torch.bfloat16, torch.float16), cases=[(33, 48, 77, True)])
-    assert result["ok"] and len(result["cases"]) == 6 and not result["triton_path"]
+    assert result["ok"] and len(result["cases"]) == 2 * (4 + 5) and not result["triton_path"]
+    assert {c["reduction"] for c in result["cases"]} == {"token_mean", "task_mean", "sum", "none"}
     assert {"loss_err", "grad_hidden_err", "grad_weight_err", "grad_bias_err"} <= set(result["cases"][0])
 
 
@@ -70,6 +71,52 @@ def test_the_report_names_the_choices_and_times_each_path(monkeypatch):
         assert "fastest of 2: 1 ms" in text and "each logits path's best plan" in text
     finally:
         autotune.reset()
+
+
+def test_option_benchmark_report_on_cpu():
+    result = bench.gpu_option_benchmarks("cpu", shape=(64, 32, 100), dtype=torch.float32, timer=wall_timer, peak=None)
+    assert [r["impl"] for r in result["rows"]] == list(bench.OPTION_CASES)
+    assert result["rows"][0]["cost_over_plain"] == 0 and all("cost_over_plain" in r for r in result["rows"])
+
+
+# Each option's cost over the plain op on the CPU path, under pytest-benchmark (its table in the test
+# output; tiny rounds: the suite runs them). fp32, N, H, V = 512, 128, 2000.
+CPU_OPTION_SHAPE = (512, 128, 2000)
+
+
+def option_step(name):
+    n, h, v = CPU_OPTION_SHAPE
+    hidden, weight, _, labels, tasks = bench.make_inputs(n, h, v, torch.float32, "cpu")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss_fn = bench.option_loss(name)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss_fn(hidden, weight, labels, tasks).backward()
+
+    return step
+
+
+@pytest.mark.parametrize("name", list(bench.OPTION_CASES))
+def test_cpu_option_cost_under_pytest_benchmark(benchmark, name):
+    benchmark.group = "cross_entropy options, CPU fp32 fwd+bwd N,H,V=512,128,2000"
+    benchmark.pedantic(option_step(name), rounds=5, iterations=1, warmup_rounds=1)
+
+
+def test_cpu_options_cost_a_bounded_multiple_of_the_plain_op():
+    """CPU time (process_time, not wall time: the machine is shared), best of 5 interleaved: no option costs
+    more than 3x the plain op on the CPU path (measured about 1.0-1.6x; softcap adds a tanh and a second
+    [C, V] buffer, "none" the backward's second pass)."""
+    steps = {name: option_step(name) for name in bench.OPTION_CASES}
+    best = {name: float("inf") for name in steps}
+    for _ in range(5):
+        for name, step in steps.items():
+            t0 = time.process_time()
+            step()
+            best[name] = min(best[name], time.process_time() - t0)
+    ratios = {name: best[name] / best["plain"] for name in steps}
+    assert all(r < 3.0 for r in ratios.values()), ratios
 
 
 @pytest.mark.gpu

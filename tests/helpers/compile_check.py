@@ -187,6 +187,31 @@ def varlen_attention_candidate_launches() -> list[Launch]:
     return distinct(out)
 
 
+def ce_option_sets(family: str) -> list:
+    """The plain loss on a family; on its "/options" family, options that make every constexpr combination:
+    kernel 1's (SOFTCAP, SUM_LOGITS) and the row and gradient kernels' (SOFTCAP, EXTRA)."""
+    from mftcore.kernels.cross_entropy_reference import LossOptions
+
+    if not family.endswith("/options"):
+        return [LossOptions()]
+    return [LossOptions(softcap=30.0), LossOptions(label_smoothing=0.1), LossOptions(z_loss=1e-4),
+            LossOptions(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)]
+
+
+def ce_variant_compiled(cek, plan, is_default: bool, dtype, options: bool, bias: int, want_grad: int, V: int) -> bool:
+    """Which launches the compile test makes: fp16 compiles as bf16 does, so one plan of each path stands
+    for the others (with options: with bias and gradient, and without either); V=1000 (unaligned) at the
+    default of the plain family only."""
+    import torch
+
+    if V == 1000:
+        return is_default and not options
+    if dtype == torch.float16:
+        first = cek.CUBLAS_OPTION_CANDIDATES[0] if options else cek.CUBLAS_CANDIDATES[0]
+        return (is_default or plan == first) and (not options or bias == want_grad)
+    return True
+
+
 def cross_entropy_launches(families=None) -> list[Launch]:
     """Every launch the fused cross-entropy makes at every candidate of its tuner, per device family
     ({family: [Launch]}): kernel 1 and the cuBLAS path's row kernel with and without stored logits, bias
@@ -198,10 +223,11 @@ def cross_entropy_launches(families=None) -> list[Launch]:
 
     cek = importlib.import_module("mftcore.kernels.cross_entropy_kernels")
     ce = importlib.import_module("mftcore.kernels.cross_entropy")
-    families = families or ("sm90_16bit", "sm80_16bit", "fp32")
+    families = families or ("sm90_16bit", "sm80_16bit", "fp32", "sm90_16bit/options", "sm80_16bit/options",
+                            "fp32/options")
     out = {}
     for family in families:
-        dtypes = [torch.float32] if family == "fp32" else [torch.bfloat16, torch.float16]
+        dtypes = [torch.float32] if family.startswith("fp32") else [torch.bfloat16, torch.float16]
         plans = cek.plan_candidates(family)
         with captured_launches(cek) as seen:
             for dtype in dtypes:
@@ -209,19 +235,19 @@ def cross_entropy_launches(families=None) -> list[Launch]:
                     torch.backends.cuda.matmul.allow_tf32 = tf32
                     for plan in plans:
                         is_default = plan == cek.default_plan(family)
-                        if dtype == torch.float16 and not (is_default or plan == cek.CUBLAS_CANDIDATES[0]):
-                            continue  # fp16 compiles as bf16 does: one plan of each path stands for the others
-                        for bias, want_grad, V in ((0, 0, 1024), (0, 1, 1024), (1, 1, 1024), (1, 0, 1024),
-                                                   (0, 1, 1000)):
-                            if V == 1000 and not is_default:
-                                continue
-                            h = torch.zeros(64, 256, dtype=dtype)
-                            w = torch.zeros(V, 256, dtype=dtype)
-                            b = torch.zeros(V, dtype=dtype) if bias else None
-                            labels, scale = torch.zeros(64, dtype=torch.long), torch.zeros(64)
-                            buf = ce.chunk_buffer(h, 64, V)
-                            cek.chunk_step(h, w, b, labels, scale, bool(want_grad), buf, plan)
-                    if dtype != torch.float32:
+                        for opts in ce_option_sets(family):
+                            for bias, want_grad, V in ((0, 0, 1024), (0, 1, 1024), (1, 1, 1024), (1, 0, 1024),
+                                                       (0, 1, 1000)):
+                                if not ce_variant_compiled(cek, plan, is_default, dtype, family.endswith("/options"),
+                                                           bias, want_grad, V):
+                                    continue
+                                h = torch.zeros(64, 256, dtype=dtype)
+                                w = torch.zeros(V, 256, dtype=dtype)
+                                b = torch.zeros(V, dtype=dtype) if bias else None
+                                labels, scale = torch.zeros(64, dtype=torch.long), torch.zeros(64)
+                                buf = ce.chunk_buffer(h, 64, V)
+                                cek.chunk_step(h, w, b, labels, scale, bool(want_grad), buf, plan, opts)
+                    if dtype != torch.float32 and family in cek.GRAD_W_CANDIDATES:
                         for tile in cek.GRAD_W_CANDIDATES[family]:
                             cek.accumulate_grad_weight(torch.zeros(1024, 256), torch.zeros(64, 1024, dtype=dtype),
                                                        torch.zeros(64, 256, dtype=dtype), tile)

@@ -24,6 +24,11 @@ TINY_CONFIGS = {
     "gpt_neox": {"model_type": "gpt_neox", **COMMON, "rotary_pct": 0.25, "bos_token_id": 0, "eos_token_id": 0},
     "phi": {"model_type": "phi", **COMMON, "bos_token_id": 0, "eos_token_id": 0},
     "gemma": {"model_type": "gemma", **COMMON, "head_dim": 16},
+    # a soft-cap low enough to bind on a random tiny model's logits (released models: 30)
+    "gemma2": {"model_type": "gemma2", **COMMON, "head_dim": 16, "final_logit_softcapping": 0.5,
+               "sliding_window": 64},
+    # logit_scale 4 (released models: 0.0625) so that a missed scale would show in the loss
+    "cohere": {"model_type": "cohere", **COMMON, "logit_scale": 4.0, "bos_token_id": 0, "eos_token_id": 0},
 }
 
 

@@ -96,7 +96,7 @@ def test_the_tuner_times_both_paths_keeps_the_faster_and_caches_it(monkeypatch, 
     step = cek.chunk_step
 
     def recording_step(*args):
-        last["plan"] = args[-1]
+        last["plan"] = args[7]
         return step(*args)
 
     def fake_timer(fn):
@@ -128,15 +128,20 @@ def test_the_tuner_times_both_paths_keeps_the_faster_and_caches_it(monkeypatch, 
     assert timed == [] and "_logits_lse_kernel" in launched and "_rows_lse_grad_kernel" not in launched
 
 
+OPTIONS = {"plain": (), "options": (0.1, 0.02, 3.0, 1.3, False), "options-none": (0.1, 0.02, 3.0, 1.3, True)}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("path", ["triton", "cublas"])
-def test_opcheck_on_the_triton_paths(dtype, path, monkeypatch):
+def test_opcheck_on_the_triton_paths(dtype, path, options, monkeypatch):
+    """options: label_smoothing, z_loss, softcap, logit_scale, recompute (reduction="none")."""
     if path == "cublas":
         monkeypatch.setattr(cek, "default_plan", lambda family: cek.CUBLAS_INTERPRET[0])
     hidden, weight, bias, labels, tasks = case(N=40, H=24, V=50, dtype=dtype)
     scale, t, valid, _ = token_scales(labels, tasks, 3, "task_mean")
     args = (hidden.requires_grad_(), weight.float().requires_grad_(), bias.requires_grad_(), labels, t, valid,
-            scale, 3, True, True, True, None, False)
+            scale, 3, True, True, True, None, False, *OPTIONS[options])
     torch.library.opcheck(torch.ops.mftcore.fused_linear_cross_entropy.default, args)
 
 
@@ -152,6 +157,9 @@ def test_no_host_reads_on_the_triton_paths(path, monkeypatch):
         out.loss.backward()
         with torch.no_grad():
             fused_linear_cross_entropy(h, w, labels, tasks, bias=bias, num_tasks=3, reduction="token_mean")
+        opts = dict(label_smoothing=0.1, z_loss=0.01, softcap=2.0, logit_scale=0.7)
+        fused_linear_cross_entropy(h, w, labels, tasks, bias=bias, num_tasks=3, reduction="none",
+                                   **opts).loss.sum().backward()
     assert h.grad.isfinite().all() and w.grad.isfinite().all()
 
 

@@ -291,3 +291,102 @@ def test_fp32_master_weight_accumulates_its_gradient_in_fp32():
     assert err16_acc * 2 < err16, (err16_acc, err16)
     with pytest.raises(ValueError, match="accum_dtype"):
         fused_linear_cross_entropy(hidden, w16, labels, accum_dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------- options: smoothing, z-loss, softcap, scale
+# Each option alone and all together, against the float64 oracle (torch's own F.cross_entropy smoothing and
+# torch.tanh), with every reduction: task_mean with task weights, sum with signed token scales, none with a
+# random signed upstream gradient. The shapes cycle through SHAPES (N=1 included), bias on every other one.
+OPTIONS = [{"label_smoothing": 0.1}, {"z_loss": 0.05}, {"softcap": 2.0}, {"logit_scale": 0.6},
+           {"label_smoothing": 0.2, "z_loss": 0.02, "softcap": 4.0, "logit_scale": 1.7}]
+ALL_REDUCTIONS = REDUCTIONS + ["none"]
+
+
+def option_id(opts):
+    return "-".join(f"{k}{v}" for k, v in opts.items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ALL_REDUCTIONS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=option_id)
+def test_options_match_float64_oracle(opts, reduction, dtype):
+    index = OPTIONS.index(opts) + ALL_REDUCTIONS.index(reduction)
+    N, H, V, K = SHAPES[index % len(SHAPES)]
+    hidden, weight, b, labels, tasks = make_case(N, H, V, K, dtype, bias=index % 2 == 0, seed=index)
+    kw = dict(reduction=reduction, **opts, **reduction_kwargs(reduction, N, K))
+    ours_in = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    ref_in = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    out = fused_linear_cross_entropy(ours_in[0], ours_in[1], labels, tasks, bias=ours_in[2], num_tasks=K, **kw)
+    ref = fused_linear_cross_entropy_reference(ref_in[0], ref_in[1], labels, tasks, bias=ref_in[2], num_tasks=K, **kw)
+    loss_rtol, frac = TOL[dtype]
+    if reduction == "none":
+        assert out.loss.shape == (N,) and out.z_loss.shape == (N,)
+        close(out.loss, ref.loss.detach(), frac)
+        upstream = torch.randn(N, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+        out.loss.backward(upstream.float())
+        ref.loss.backward(upstream)
+    else:
+        assert out.loss.item() == pytest.approx(ref.loss.item(), rel=loss_rtol, abs=1e-6)
+        (2.5 * out.loss).backward()
+        (2.5 * ref.loss).backward()
+    close(out.z_loss, ref.z_loss, frac)
+    if "z_loss" not in opts:
+        assert not out.z_loss.any()
+    close(out.task_loss_sum, ref.task_loss_sum, frac)
+    assert torch.equal(out.task_token_count, ref.task_token_count)
+    # 16-bit logits can swap a near tie of the top two; fp32 counts are exact
+    assert (out.task_correct_count - ref.task_correct_count).abs().sum() <= (0 if dtype == torch.float32 else 1)
+    for got, want in zip(ours_in, ref_in):
+        if got is not None:
+            assert got.grad.dtype == got.dtype
+            close(got.grad, want.grad, frac)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "none"])
+def test_label_smoothing_is_torch_cross_entropy_with_ignore_index(reduction):
+    """The oracle is not the only judge: the op against F.cross_entropy(label_smoothing=, ignore_index=)."""
+    hidden, weight, b, labels, tasks = make_case(50, 33, 101, 3, torch.float32, bias=True)
+    out = fused_linear_cross_entropy(hidden, weight, labels, tasks, bias=b, num_tasks=3, reduction=reduction,
+                                     label_smoothing=0.3)
+    want = F.cross_entropy(F.linear(hidden.double(), weight.double(), b.double()), labels, ignore_index=-100,
+                           label_smoothing=0.3, reduction="mean" if reduction == "token_mean" else "none")
+    close(out.loss, want, 1e-5)
+
+
+def test_reduction_none_weight_gradient_under_a_per_token_upstream():
+    """grad_W = G^T h with u_i inside G's rows: the per-token upstream must not be applied after the
+    weight-gradient GEMM (a uniform upstream would hide it; a one-hot one exposes it)."""
+    hidden, weight, b, labels, tasks = make_case(37, 20, 70, 2, torch.float32, bias=True)
+    labels[3] = 5
+    for u in (torch.zeros(37).index_fill_(0, torch.tensor([3]), 1.0), torch.linspace(-2, 3, 37)):
+        w, w64 = weight.clone().requires_grad_(), weight.double().requires_grad_()
+        fused_linear_cross_entropy(hidden, w, labels, tasks, bias=b, reduction="none").loss.backward(u)
+        fused_linear_cross_entropy_reference(hidden.double(), w64, labels, tasks, bias=b.double(),
+                                             reduction="none").loss.backward(u.double())
+        close(w.grad, w64.grad, 1e-5)
+
+
+def test_accuracy_counts_the_tokens_whose_argmax_is_the_label():
+    """Against argmax of the raw logits (soft-capping and scaling keep the order), with and without
+    gradients; a soft-cap saturated in fp32 makes ties, which count as correct (the target is a row max)."""
+    hidden, weight, b, labels, tasks = make_case(64, 48, 16, 2, torch.float32, bias=False)
+    valid = labels != -100
+    hit = (F.linear(hidden, weight).argmax(1) == labels) & valid
+    want = torch.zeros(2).index_add_(0, tasks, hit.float())
+    with torch.no_grad():
+        out = fused_linear_cross_entropy(hidden, weight, labels, tasks, num_tasks=2, softcap=30.0, logit_scale=2.0)
+    trained = fused_linear_cross_entropy(hidden, weight.clone().requires_grad_(), labels, tasks, num_tasks=2)
+    assert torch.equal(out.task_correct_count, want) and torch.equal(trained.task_correct_count, want)
+    assert 0 < want.sum() < valid.sum()
+    with torch.no_grad():
+        saturated = fused_linear_cross_entropy(hidden * 100, weight, labels, tasks, num_tasks=2, softcap=0.5)
+    assert (saturated.task_correct_count >= want).all() and saturated.task_correct_count.sum() > want.sum()
+
+
+def test_options_are_checked():
+    hidden, weight, _, labels, _ = make_case(9, 6, 11, 1, torch.float32, bias=False)
+    for bad in ({"label_smoothing": 1.5}, {"z_loss": -1.0}, {"softcap": 0.0}, {"logit_scale": -2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fused_linear_cross_entropy(hidden, weight, labels, **bad)
+    with pytest.raises(ValueError, match="none"):
+        masked_cross_entropy(hidden, labels, reduction="none")

@@ -18,7 +18,9 @@ import pytest
 from mftcore.kernels import cross_entropy_kernels as cek
 from tests.helpers import compile_check
 
-ARCHES = {"sm90_16bit": (90,), "sm80_16bit": (80,), "fp32": (90, 80)}  # where each family's plans run
+# where each family's plans run; "/options": the candidates of calls with softcap / smoothing / z-loss on
+ARCHES = {"sm90_16bit": (90,), "sm80_16bit": (80,), "fp32": (90, 80), "sm90_16bit/options": (90,),
+          "sm80_16bit/options": (80,), "fp32/options": (90, 80)}
 TENSOR_CORE_KERNELS = ("_logits_lse_kernel", "_grad_weight_kernel")
 
 
@@ -35,19 +37,41 @@ def tensor_core(report) -> bool:
     return report.dtype != "fp32" or report.constexprs.get("DOT_PRECISION") == "tf32"
 
 
+def option_flags(r, names):
+    return tuple(int(r.constexprs.get(n, False)) for n in names)
+
+
 @pytest.mark.parametrize("family", list(ARCHES))
 def test_every_candidate_and_variant_compiles_without_spills(family, capsys):
     found = reports(family)
     names = {r.kernel for r in found}
-    expected = {"_logits_lse_kernel", "_softmax_grad_kernel", "_rows_lse_grad_kernel"}
-    assert names == (expected if family == "fp32" else expected | {"_grad_weight_kernel"}), names
+    options = family.endswith("/options")
+    expected = {"_rows_lse_grad_kernel"} | (set() if family == "fp32/options" else
+                                            {"_logits_lse_kernel", "_softmax_grad_kernel"})
+    assert names == (expected if family.startswith("fp32") or options else expected | {"_grad_weight_kernel"}), names
     tiles = {(r.constexprs["BLOCK_M"], r.constexprs["BLOCK_V"], r.constexprs["BLOCK_K"], r.num_warps, r.num_stages)
              for r in found if r.kernel == "_logits_lse_kernel"}
     assert tiles == {(p.block_m, p.block_v, p.block_k, p.num_warps, p.num_stages)
                      for p in cek.TRITON_CANDIDATES[family]}
     rows = {(r.constexprs["BLOCK_V"], r.num_warps) for r in found if r.kernel == "_rows_lse_grad_kernel"
             and r.dtype in ("bf16", "fp32")}
-    assert rows == {(p.block_v, p.num_warps) for p in cek.CUBLAS_CANDIDATES}
+    assert rows == {(p.block_v, p.num_warps) for p in
+                    (cek.CUBLAS_OPTION_CANDIDATES if options else cek.CUBLAS_CANDIDATES)}
+    if options:  # every option constexpr combination at every candidate, with and without bias / gradient
+        combos = {(1, 0), (0, 1), (1, 1)}
+        for tile in tiles:
+            for bias_store in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                got = {option_flags(r, ("SOFTCAP", "SUM_LOGITS")) for r in found if r.kernel == "_logits_lse_kernel"
+                       and r.dtype == "bf16" and (r.constexprs["BLOCK_M"], r.constexprs["BLOCK_V"],
+                                                  r.constexprs["BLOCK_K"], r.num_warps, r.num_stages) == tile
+                       and (int(r.constexprs["HAS_BIAS"]), int(r.constexprs["STORE_LOGITS"])) == bias_store}
+                assert combos <= got, (tile, bias_store, got)
+        for row in rows:
+            for grad in (0, 1):
+                got = {option_flags(r, ("SOFTCAP", "EXTRA")) for r in found if r.kernel == "_rows_lse_grad_kernel"
+                       and r.dtype in ("bf16", "fp32") and (r.constexprs["BLOCK_V"], r.num_warps) == row
+                       and int(r.constexprs["WANT_GRAD"]) == grad}
+                assert combos <= got, (row, grad, got)
     with capsys.disabled():
         print(f"\n[{family}]\n{compile_check.STL_HEADER}")
         for r in found:

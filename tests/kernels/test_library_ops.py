@@ -15,7 +15,7 @@ from tests.helpers.no_sync import HostRead, no_host_reads
 va = sys.modules["mftcore.kernels.varlen_attention"]
 
 
-def ce_args(N=20, H=8, V=30, K=3, dtype=torch.float32, bias=True, want=(True, True, True), seed=0):
+def ce_args(N=20, H=8, V=30, K=3, dtype=torch.float32, bias=True, want=(True, True, True), seed=0, options=()):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, H, generator=g).to(dtype).requires_grad_(want[0])
     w = torch.randn(V, H, generator=g).to(dtype).requires_grad_(want[1])
@@ -24,7 +24,10 @@ def ce_args(N=20, H=8, V=30, K=3, dtype=torch.float32, bias=True, want=(True, Tr
     labels[::5] = -100
     tasks = torch.randint(0, K, (N,), generator=g)
     scale, t, valid, _ = token_scales(labels, tasks, K, "task_mean")
-    return (h, w, b, labels, t, valid, scale, K, *want, None, False)
+    return (h, w, b, labels, t, valid, scale, K, *want, None, False, *options)
+
+
+OPTIONS = (0.1, 0.02, 3.0, 1.3)  # label_smoothing, z_loss, softcap, logit_scale
 
 
 def va_args(dtype=torch.float32, causal=True, gqa=True):
@@ -37,10 +40,12 @@ def va_args(dtype=torch.float32, causal=True, gqa=True):
     return q, k, v, cu, max(lengths), causal, 16 ** -0.5, False
 
 
-@pytest.mark.parametrize("case", ["fp32", "fp32-no-bias", "frozen-head", "fp16", "fp32-head-fp16-hidden"])
+@pytest.mark.parametrize("case", ["fp32", "fp32-no-bias", "frozen-head", "fp16", "fp32-head-fp16-hidden",
+                                  "options", "options-recompute"])
 def test_opcheck_fused_linear_cross_entropy(case):
     kwargs = {"fp32": {}, "fp32-no-bias": {"bias": False}, "frozen-head": {"want": (True, False, False)},
-              "fp16": {"dtype": torch.float16}, "fp32-head-fp16-hidden": {}}[case]
+              "fp16": {"dtype": torch.float16}, "fp32-head-fp16-hidden": {}, "options": {"options": OPTIONS},
+              "options-recompute": {"options": OPTIONS + (True,)}}[case]
     args = list(ce_args(**kwargs))
     if case == "fp32-head-fp16-hidden":  # autocast's case: the fp32 weight's gradient accumulates in fp32
         args[0] = args[0].detach().half().requires_grad_()
@@ -91,6 +96,32 @@ def test_compile_fullgraph_traces_both_ops_and_matches_eager():
         torch.testing.assert_close(a.grad, b, rtol=1e-5, atol=1e-6)
 
 
+def loss_with_options(h, weight, labels, tasks, upstream):
+    """Every option, and reduction="none" with a per-token upstream gradient (the backward's second pass)."""
+    opts = dict(label_smoothing=0.1, z_loss=0.01, softcap=2.5, logit_scale=1.4)
+    none = fused_linear_cross_entropy(h, weight, labels, tasks, num_tasks=3, reduction="none", **opts)
+    mean = fused_linear_cross_entropy(h, weight, labels, tasks, num_tasks=3, task_weights=[1.0, 2.0, 0.5], **opts)
+    return (none.loss * upstream).sum() + mean.loss, mean.task_correct_count, mean.z_loss
+
+
+def test_compile_fullgraph_traces_the_options_and_matches_eager():
+    torch._dynamo.reset()
+    _, _, _, _, weight, labels, tasks = loss_inputs()
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(labels.shape[0], 64, generator=g).requires_grad_()
+    upstream = torch.randn(labels.shape[0], generator=g)
+    eager = loss_with_options(h, weight, labels, tasks, upstream)
+    eager[0].backward()
+    grads = [h.grad.clone(), weight.grad.clone()]
+    h.grad = weight.grad = None
+    compiled = torch.compile(loss_with_options, fullgraph=True, backend="inductor")(h, weight, labels, tasks, upstream)
+    compiled[0].backward()
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip((h.grad, weight.grad), grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_no_host_reads_in_the_fused_loss_forward_and_backward():
     inputs = loss_inputs()
     h = torch.randn(inputs[0].shape[0], 64, requires_grad=True)
@@ -99,6 +130,7 @@ def test_no_host_reads_in_the_fused_loss_forward_and_backward():
         out.loss.backward()
         with torch.no_grad():
             fused_linear_cross_entropy(h, inputs[4], inputs[5], inputs[6], num_tasks=3)
+        loss_with_options(h, inputs[4], inputs[5], inputs[6], torch.ones(h.shape[0]))[0].backward()
     assert h.grad is not None and inputs[4].grad is not None
     with no_host_reads(), pytest.raises(HostRead):  # the guard sees what it should: num_tasks from task_ids
         fused_linear_cross_entropy(h, inputs[4], inputs[5], inputs[6])

@@ -13,6 +13,7 @@ from mftcore.model.families import (
     decoder_layer_class,
     get_family,
     lora_target_modules,
+    loss_options,
     resolve_eos_token,
 )
 from mftcore.model.load import load_model, load_tokenizer
@@ -24,10 +25,15 @@ from tests.helpers.paths import DATA
 from tests.helpers.tiny_models import TINY_CONFIGS, TOKENIZER
 
 
+# transformers has no sdpa attention for Gemma2 (padded rows default to sdpa): its eager attention, which
+# also applies its attention-logit soft-cap.
+FAMILY_UPDATES = {"gemma2": {"attn_implementation": "eager"}}
+
+
 def family_config(model_type: str, **updates) -> TrainConfig:
     raw = {"data_paths": DATA, "tokenizer_path": TOKENIZER, "model_config": TINY_CONFIGS[model_type],
            "model_type": model_type, "seq_length": 128, "learning_rate": 1e-2, "min_lr": 1e-3,
-           "num_warmup_steps": 0, "max_grad_norm": 1.0, **updates}
+           "num_warmup_steps": 0, "max_grad_norm": 1.0, **FAMILY_UPDATES.get(model_type, {}), **updates}
     return TrainConfig.from_dict(raw)
 
 
@@ -43,7 +49,7 @@ def batch():
 def test_the_table_covers_the_issue_families():
     assert set(FAMILIES) == set(TINY_CONFIGS) == {
         "llama", "code_llama", "deepseek", "mistral", "mixtral", "qwen2", "qwen2_moe", "starcoder2",
-        "gpt_bigcode", "gpt_neox", "phi", "gemma"}
+        "gpt_bigcode", "gpt_neox", "phi", "gemma", "gemma2", "cohere"}
     assert get_family("starcoder") is FAMILIES["gpt_bigcode"] and get_family("Qwen2") is FAMILIES["qwen2"]
 
 
@@ -54,8 +60,8 @@ def test_family_trains_one_step(model_type, batch):
     torch.manual_seed(0)
     model = load_model(cfg, vocab)
 
-    # Our decoder + fused loss scores exactly what the HF model's own logits score: no family applies
-    # a logit transform (scaling, soft-capping) that the fused loss would miss.
+    # Our decoder + fused loss scores exactly what the HF model's own logits score: a family's logit
+    # transform (Gemma2's soft-cap, Cohere's scale) is applied by the fused loss, not missed.
     model.eval()
     with torch.no_grad():
         ours = batch_loss(model, b, 3, reduction="token_mean").loss
@@ -113,12 +119,50 @@ def test_unknown_family_gets_generic_defaults():
     assert get_family("qwen3") is None and lora_target_modules("qwen3") == "all-linear"
 
 
-def test_logit_transforms_are_refused():
+def test_logit_transforms_become_fused_loss_options():
     from transformers import AutoConfig
 
-    with pytest.raises(ConfigError, match="final_logit_softcapping"):
-        check_loss_compatible(AutoConfig.for_model("gemma2"))
-    check_loss_compatible(AutoConfig.for_model("gemma"))
+    assert loss_options(AutoConfig.for_model("gemma2")) == {"softcap": 30.0}
+    assert loss_options(AutoConfig.for_model("cohere")) == {"logit_scale": 0.0625}
+    assert loss_options(AutoConfig.for_model("granite", logits_scaling=8.0)) == {"logit_scale": 0.125}
+    assert loss_options(AutoConfig.for_model("gemma")) == {} == loss_options(AutoConfig.for_model("llama"))
+    for name in ("gemma2", "cohere", "granite", "gemma"):
+        check_loss_compatible(AutoConfig.for_model(name))
+    with pytest.raises(ConfigError, match="logit_scale=-1.0"):
+        check_loss_compatible(AutoConfig.for_model("cohere", logit_scale=-1.0))
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere"])
+def test_the_transform_is_what_makes_the_loss_match(model_type, batch):
+    """Without its soft-cap / scale the fused loss would not be the HF model's (the tiny configs make the
+    transforms bind): so the one-step test's equality proves the options reach the loss."""
+    b, vocab = batch
+    model = load_model(family_config(model_type), vocab).eval()
+    assert loss_options(model.config)
+    with torch.no_grad():
+        hidden = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                             position_ids=b.position_ids).last_hidden_state
+        plain = F.cross_entropy(model.lm_head(hidden).flatten(0, 1).float(), b.labels.flatten())
+        ours = batch_loss(model, b, 3, reduction="token_mean").loss
+    assert abs(ours.item() - plain.item()) > 10 * 1e-5 * plain.item()  # 10x test_family_trains_one_step's rel
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere"])
+def test_generation_runs_for_the_logit_transform_families(model_type, tmp_path):
+    from mftcore.commands.generate import Sampling, generate_ids, load_generator
+    from transformers import AutoTokenizer
+
+    from tests.helpers.tiny_models import build_tiny
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    build_tiny(model_type, len(tok), seed=1).save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    gen = load_generator(str(tmp_path))
+    prompts = [tok("def add(a, b):")["input_ids"], tok("SELECT")["input_ids"]]
+    sampling = Sampling(max_new_tokens=5)
+    batched = generate_ids(gen, prompts, sampling)
+    assert batched == [generate_ids(gen, [p], sampling)[0] for p in prompts]
+    assert all(len(a) <= 5 for a in batched) and any(batched)
 
 
 def test_eos_falls_back_to_the_family_token(tmp_path):
