@@ -48,31 +48,40 @@ def _tanh(x):
 
 @triton.jit
 def _scores(qk, qk_scale, tanh_scale, cap_log2, SOFTCAP: tl.constexpr):
-    """Scores in the log2 domain from raw q.k, and tanh of the capped ones (1.0 unused without SOFTCAP)."""
+    """Scores in the log2 domain from raw q.k, and tanh of the capped ones (without SOFTCAP a same-typed
+    placeholder that nothing reads: both branches must return one type)."""
     if SOFTCAP:
         t = _tanh(qk * tanh_scale)
         return t * cap_log2, t
-    return qk * qk_scale, 1.0
+    return qk * qk_scale, qk
 
 
 @triton.jit
-def _visible(rows, cols, seqlen_k, shift, left, right):
-    """rows, cols broadcast to one tile: key col within the segment and the (bottom-right) window of row."""
-    rel = rows + shift
-    return (cols < seqlen_k) & (cols <= rel + right) & (cols >= rel - left)
+def _window_of_rows(rows, seqlen_k, shift, left, right):
+    """The first and last key each query row sees ([len(rows)] each; last < first: none): the forward and dQ
+    compute it once per program, so their masked loops compare each tile element twice, as the causal mask
+    alone did (a third compare in the loop spilled on sm_80)."""
+    return rows + shift - left, tl.minimum(rows + shift + right, seqlen_k - 1)
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, seqlen_k, shift,
-               left, right, qk_scale, tanh_scale, cap_log2, lo, hi, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Online softmax over key blocks [lo, hi); MASK applies the segment end and the window."""
-    for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, first, last, offs_n, offs_d, seqlen_k,
+               qk_scale, tanh_scale, cap_log2, lo, hi, lo2, hi2, HEAD_DIM: tl.constexpr,
+               D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) then [lo2, hi2) (one loop: a second copy of the body cost
+    registers); MASK applies the segment end and the window."""
+    n1 = tl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+    n_blocks = n1 + tl.maximum(hi2 - lo2 + BLOCK_N - 1, 0) // BLOCK_N if MASK else n1
+    for i in range(0, n_blocks):
+        if MASK:
+            cols = tl.where(i < n1, lo + i * BLOCK_N, lo2 + (i - n1) * BLOCK_N) + offs_n
+        else:
+            cols = lo + i * BLOCK_N + offs_n
         k = _load_rows(k_base, cols, seqlen_k, stride_kt, offs_d, HEAD_DIM, D_PAD)
         s, _ = _scores(tl.dot(q, tl.trans(k)), qk_scale, tanh_scale, cap_log2, SOFTCAP)
         if MASK:
-            s = tl.where(_visible(rows[:, None], cols[None, :], seqlen_k, shift, left, right), s, float("-inf"))
+            visible = (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
+            s = tl.where(visible, s, float("-inf"))
             # a row may see no key of this block (window edge, or none at all): keep exp2 off -inf - -inf
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -141,23 +150,22 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, tanh_scale, cap_log2, lef
         Q, K, V, start_q, start_k, seqlen_q, m0, group, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
         stride_vh, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N)
 
+    first, last = _window_of_rows(rows, seqlen_k, shift, left, right)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                               seqlen_k, shift, left, right, qk_scale, tanh_scale, cap_log2, lo, a,
-                               HEAD_DIM, D_PAD, BLOCK_N, True, SOFTCAP)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                               seqlen_k, shift, left, right, qk_scale, tanh_scale, cap_log2, a, b,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, first, last, offs_n, offs_d,
+                               seqlen_k, qk_scale, tanh_scale, cap_log2, a, b, b, b,
                                HEAD_DIM, D_PAD, BLOCK_N, False, SOFTCAP)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
-                               seqlen_k, shift, left, right, qk_scale, tanh_scale, cap_log2, b, hi,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, first, last, offs_n, offs_d,
+                               seqlen_k, qk_scale, tanh_scale, cap_log2, lo, a, b, hi,
                                HEAD_DIM, D_PAD, BLOCK_N, True, SOFTCAP)
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees no key: o = 0 (acc is 0), lse = -inf (m_i is)
-    acc = acc / l_i[:, None]
+    empty = l_i == 0.0  # a row that sees no key: o = 0 (acc is 0), lse = -inf
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     _store_rows(O + start_q * stride_ot + head * stride_oh, rows, seqlen_q, stride_ot, offs_d,
                 acc.to(O.dtype.element_ty), HEAD_DIM, D_PAD)
-    tl.store(LSE + head.to(tl.int64) * total_q + start_q + rows, m_i + tl.math.log2(l_i), mask=rows < seqlen_q)
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + head.to(tl.int64) * total_q + start_q + rows, lse, mask=rows < seqlen_q)
 
 
 @triton.jit(do_not_specialize=["total_tokens"])
@@ -176,13 +184,19 @@ def _bwd_preprocess_kernel(O, DO, DELTA, total_tokens, stride_ot, stride_oh, str
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
                     stride_dqt, cols, offs_m, offs_d, seqlen_q, seqlen_k, shift, left, right, qk_scale,
-                    tanh_scale, cap_log2, lo, hi, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    tanh_scale, cap_log2, lo, hi, lo2, hi2, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi); rows past the end read zeros,
-    which makes their contribution exactly 0, so only the key end and the window need MASK. A row that
-    sees no key (lse = -inf) is masked everywhere it appears."""
-    for m0 in range(lo, hi, BLOCK_M):
-        rows = m0 + offs_m
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) and, with MASK, [lo2, hi2) in the same
+    loop (a third copy of the body cost registers); rows past the end read zeros, which makes their
+    contribution exactly 0, so only the key end and the window need MASK. A row that sees no key
+    (lse = -inf) is masked everywhere it appears."""
+    n1 = tl.maximum(hi - lo + BLOCK_M - 1, 0) // BLOCK_M
+    n_blocks = n1 + tl.maximum(hi2 - lo2 + BLOCK_M - 1, 0) // BLOCK_M if MASK else n1
+    for i in range(0, n_blocks):
+        if MASK:
+            rows = tl.where(i < n1, lo + i * BLOCK_M, lo2 + (i - n1) * BLOCK_M) + offs_m
+        else:
+            rows = lo + i * BLOCK_M + offs_m
         q = _load_rows(q_base, rows, seqlen_q, stride_qt, offs_d, HEAD_DIM, D_PAD)
         do = _load_rows(do_base, rows, seqlen_q, stride_dot, offs_d, HEAD_DIM, D_PAD)
         lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=0.0)
@@ -190,7 +204,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         s_t, t_t = _scores(tl.dot(k, tl.trans(q)), qk_scale, tanh_scale, cap_log2, SOFTCAP)  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASK:
-            p_t = tl.where(_visible(rows[None, :], cols[:, None], seqlen_k, shift, left, right), p_t, 0.0)
+            first, last = _window_of_rows(rows, seqlen_k, shift, left, right)  # rows change per block here
+            p_t = tl.where((cols[:, None] >= first[None, :]) & (cols[:, None] <= last[None, :]), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
         if SOFTCAP:
@@ -249,13 +264,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, DK, DV, DQ, sm_scale, 
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
                              stride_dqt, cols, offs_m, offs_d, seqlen_q, seqlen_k, shift, left, right, qk_scale,
-                             tanh_scale, cap_log2, lo, a, HEAD_DIM, D_PAD, BLOCK_M, True, ATOMIC_DQ, SOFTCAP)
+                             tanh_scale, cap_log2, lo, a, b, hi, HEAD_DIM, D_PAD, BLOCK_M, True, ATOMIC_DQ, SOFTCAP)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
                              stride_dqt, cols, offs_m, offs_d, seqlen_q, seqlen_k, shift, left, right, qk_scale,
-                             tanh_scale, cap_log2, a, b, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ, SOFTCAP)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
-                             stride_dqt, cols, offs_m, offs_d, seqlen_q, seqlen_k, shift, left, right, qk_scale,
-                             tanh_scale, cap_log2, b, hi, HEAD_DIM, D_PAD, BLOCK_M, True, ATOMIC_DQ, SOFTCAP)
+                             tanh_scale, cap_log2, a, b, b, b, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ, SOFTCAP)
     _store_rows(DK + start_k * stride_dkt + head * stride_dkh, cols, seqlen_k, stride_dkt, offs_d,
                 (dk * sm_scale).to(DK.dtype.element_ty), HEAD_DIM, D_PAD)
     _store_rows(DV + start_k * stride_dvt + head * stride_dvh, cols, seqlen_k, stride_dvt, offs_d,
@@ -263,17 +275,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, DK, DV, DQ, sm_scale, 
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, seqlen_k,
-                  shift, left, right, qk_scale, tanh_scale, cap_log2, lo, hi, HEAD_DIM: tl.constexpr,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, first, last, offs_n, offs_d,
+                  seqlen_k, qk_scale, tanh_scale, cap_log2, lo, hi, lo2, hi2, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr):
-    for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
+    """dQ over key blocks [lo, hi) and, with MASK, [lo2, hi2) (one loop, as in _fwd_inner)."""
+    n1 = tl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+    n_blocks = n1 + tl.maximum(hi2 - lo2 + BLOCK_N - 1, 0) // BLOCK_N if MASK else n1
+    for i in range(0, n_blocks):
+        if MASK:
+            cols = tl.where(i < n1, lo + i * BLOCK_N, lo2 + (i - n1) * BLOCK_N) + offs_n
+        else:
+            cols = lo + i * BLOCK_N + offs_n
         k = _load_rows(k_base, cols, seqlen_k, stride_kt, offs_d, HEAD_DIM, D_PAD)
         v = _load_rows(v_base, cols, seqlen_k, stride_vt, offs_d, HEAD_DIM, D_PAD)
         s, t = _scores(tl.dot(q, tl.trans(k)), qk_scale, tanh_scale, cap_log2, SOFTCAP)
         p = tl.math.exp2(s - lse[:, None])
         if MASK:
-            p = tl.where(_visible(rows[:, None], cols[None, :], seqlen_k, shift, left, right), p, 0.0)
+            p = tl.where((cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None]), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -297,15 +315,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, CU_Q, CU_K, DQ, sm_scale, qk_scale, 
                     D_PAD)
     lse = tl.load(LSE + head.to(tl.int64) * total_q + start_q + rows, mask=rows < seqlen_q, other=0.0)
     delta = tl.load(DELTA + head.to(tl.int64) * total_q + start_q + rows, mask=rows < seqlen_q, other=0.0)
+    first, last = _window_of_rows(rows, seqlen_k, shift, left, right)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, seqlen_k,
-                       shift, left, right, qk_scale, tanh_scale, cap_log2, lo, a, HEAD_DIM, D_PAD, BLOCK_N, True,
-                       SOFTCAP)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, seqlen_k,
-                       shift, left, right, qk_scale, tanh_scale, cap_log2, a, b, HEAD_DIM, D_PAD, BLOCK_N, False,
-                       SOFTCAP)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, seqlen_k,
-                       shift, left, right, qk_scale, tanh_scale, cap_log2, b, hi, HEAD_DIM, D_PAD, BLOCK_N, True,
-                       SOFTCAP)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, first, last, offs_n, offs_d,
+                       seqlen_k, qk_scale, tanh_scale, cap_log2, a, b, b, b, HEAD_DIM, D_PAD, BLOCK_N,
+                       False, SOFTCAP)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, first, last, offs_n, offs_d,
+                       seqlen_k, qk_scale, tanh_scale, cap_log2, lo, a, b, hi, HEAD_DIM, D_PAD, BLOCK_N,
+                       True, SOFTCAP)
     _store_rows(DQ + start_q * stride_dqt + head * stride_dqh, rows, seqlen_q, stride_dqt, offs_d,
                 (dq * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM, D_PAD)

@@ -109,14 +109,17 @@ def test_triton_kernels_in_the_interpreter():
 
 def test_every_launch_compiles_for_sm90_and_sm80_with_wgmma_on_hopper():
     """Every kernel x configuration the launchers pick (head dims 64/128/256 and 80, fp16/bf16, MHA/GQA,
-    causal or not, deterministic or not; captured from the launchers themselves) compiles for H100 and
+    causal or not, windowed, separate q/k segments, softcap or not, deterministic or not; captured from the
+    launchers themselves) compiles for H100 and
     A100; on sm_90 every tl.dot is a wgmma (HGMMA in SASS, no HMMA), on sm_80 an mma.sync (HMMA); shared
     memory fits each. Registers and spills: python tests/helpers/compile_check.py (copy in bench/results/)."""
     launches = compile_check.varlen_attention_launches()
     kernels = {launch.spec.kernel.fn.__name__ for launch in launches}
     assert kernels == {"_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
-    # 7 (dtype, head dim) cases x 5 kernels: causal, GQA and sizes do not multiply the binaries
-    assert len(launches) == 35
+    # 7 (dtype, head dim) cases x (preprocess + 4 kernels x softcap or not): causal, windows, q/k segments,
+    # GQA and sizes are runtime arguments and do not multiply the binaries
+    assert len(launches) == 7 * 9
+    assert {launch.spec.constexprs.get("SOFTCAP") for launch in launches} == {None, False, True}
     jobs = [(launch, cap) for launch in launches for cap in (90, 80)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # ptxas and LLVM release the GIL
         reports = list(pool.map(lambda job: compile_check.compile_launch(*job), jobs))
@@ -135,11 +138,12 @@ def test_every_launch_compiles_for_sm90_and_sm80_with_wgmma_on_hopper():
 
 
 def test_every_tuning_candidate_compiles_for_sm90_and_sm80():
-    """Each candidate block configuration the tuner may pick (bf16, head dims 64/128/256) compiles for both
+    """Each candidate block configuration the tuner may pick (bf16, head dims 64/128/256, softcap or not)
+    compiles for both
     architectures with wgmma on sm_90, fits shared memory, and spills at most the default's 8 bytes for
     D <= 128 (the D = 256 backward has its spilling default only)."""
     launches = compile_check.varlen_attention_candidate_launches()
-    expected = sum(len(table[d]) * (2 if table is va.DKDV_CONFIGS else 1) for d in (64, 128, 256)
+    expected = 2 * sum(len(table[d]) * (2 if table is va.DKDV_CONFIGS else 1) for d in (64, 128, 256)
                    for table in (va.FWD_CONFIGS, va.DKDV_CONFIGS, va.DQ_CONFIGS))
     assert len(launches) == expected
     jobs = [(launch, cap) for launch in launches for cap in (90, 80)]
