@@ -141,11 +141,14 @@ def test_options_match_reference(name):
 def test_keys_outside_every_window_are_never_loaded():
     """NaN in keys and values that no query's window reaches: a block that was loaded and only masked would
     still spread NaN (0 * NaN in P @ V and in dS K), so finite, exact results mean those blocks are skipped,
-    in the forward, dK/dV and dQ. 8 queries at the end of 64 keys, window 4 (small blocks of 16 keys)."""
+    in the forward, dK/dV and dQ. 8 queries at the end of 64 keys see keys 51-63 (window 4); keys 0-31 are
+    whole key blocks of every kernel (16 keys in the forward and dQ, 32 in dK/dV). (Masked keys inside a
+    visited block are not poisoned: their NaN would reach their own dK rows, legitimately computed.)"""
     q, k, v, cu_q, cu_k, do = make_qk_inputs([8, 8], [64, 8], 2, 1, 32, torch.float32, seed=8)
     options = dict(cu_seqlens_k=cu_k, max_seqlen_k=64, window_size=(4, -1))
     want = oracle(q, k, v, cu_q, do, max_seqlen=8, **options)
-    k[:48], v[:48] = float("nan"), float("nan")  # keys 0-47 (three whole blocks) lie before keys 51-63's windows
+    assert SMALL["FWD_CONFIGS"].block_n == SMALL["DQ_CONFIGS"].block_n == 16 and SMALL["DKDV_CONFIGS"].block_n == 32
+    k[:32], v[:32] = float("nan"), float("nan")
     for det in (False, True):
         got = run(q, k, v, cu_q, 8, do, deterministic=det, **options)
         for label, a, b in zip(("o", "dq", "dk", "dv"), got, want):
