@@ -49,6 +49,68 @@ def test_reference_matches_block_diagonal_attention(causal):
     torch.testing.assert_close(out, dense_oracle(q, k, v, lengths, causal))
 
 
+def test_segment_masks_are_flash_attn_s():
+    """flash-attn's own examples (its README, causal with seqlen_q != seqlen_k, bottom-right aligned) and
+    its sliding-window rule: query i sees keys [i + lk - lq - left, i + lk - lq + right]."""
+    from mftcore.kernels.varlen_attention_reference import segment_mask, window_bounds
+
+    assert segment_mask(2, 5, *window_bounds(True, (-1, -1)), "cpu").int().tolist() == [[1, 1, 1, 1, 0],
+                                                                                       [1, 1, 1, 1, 1]]
+    assert segment_mask(5, 2, *window_bounds(True, (-1, -1)), "cpu").int().tolist() == [[0, 0], [0, 0], [0, 0],
+                                                                                       [1, 0], [1, 1]]
+    assert segment_mask(3, 3, *window_bounds(False, (1, 0)), "cpu").int().tolist() == [[1, 0, 0], [1, 1, 0],
+                                                                                      [0, 1, 1]]
+    assert window_bounds(True, (3, 5)) == (3, 0) and window_bounds(False, (-1, 2)) == (-1, 2)
+
+
+def dense_options_oracle(q, k, v, q_lengths, k_lengths, causal, window, softcap, scale):
+    """Every option over all tokens at once, written from the definitions alone: [Tq, Tk] mask of same
+    segment and r + lk - lq - left <= c <= r + lk - lq + right, capped scores, rows without keys 0."""
+    qd = torch.repeat_interleave(torch.arange(len(q_lengths)), torch.tensor(q_lengths))
+    kd = torch.repeat_interleave(torch.arange(len(k_lengths)), torch.tensor(k_lengths))
+    r = torch.cat([torch.arange(n) for n in q_lengths])
+    c = torch.cat([torch.arange(n) for n in k_lengths])
+    shift = (torch.tensor(k_lengths) - torch.tensor(q_lengths))[qd]
+    left, right = window[0], 0 if causal else window[1]
+    mask = qd[:, None] == kd[None, :]
+    if right >= 0:
+        mask &= c[None, :] <= r[:, None] + shift[:, None] + right
+    if left >= 0:
+        mask &= c[None, :] >= r[:, None] + shift[:, None] - left
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)  # -inf where a query sees no key
+    p = torch.exp(s - lse.nan_to_num(0, 0, 0)[..., None]).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", p, v), lse.transpose(0, 1)
+
+
+@pytest.mark.parametrize("case", [
+    ([3, 0, 9, 6], [7, 4, 9, 2], True, (-1, -1), 0.0),
+    ([3, 0, 9, 6], [7, 4, 9, 2], False, (2, 1), 3.0),
+    ([12, 5], None, True, (3, -1), 0.0),
+    ([12, 5], None, False, (-1, 0), 0.0),
+    ([12, 5], None, True, (40, -1), 1.5),
+    ([4, 8], [8, 4], False, (-1, -1), 2.0),
+], ids=["qk-causal", "qk-window-softcap", "window-causal", "right-0-not-causal", "long-window-softcap", "qk-full"])
+def test_reference_matches_the_dense_definition_of_every_option(case):
+    """The oracle itself, in float64, against a second, independent formulation: o and lse (natural log)."""
+    q_lengths, k_lengths, causal, window, softcap = case
+    k_lengths = k_lengths or q_lengths
+    q = torch.randn(sum(q_lengths), 4, 16, dtype=torch.float64)
+    k, v = (torch.randn(sum(k_lengths), 2, 16, dtype=torch.float64) for _ in range(2))
+    o, lse = varlen_attention(q, k, v, cu_of(q_lengths), max(q_lengths), causal=causal, window_size=window,
+                              softcap=softcap, softmax_scale=0.3, cu_seqlens_k=cu_of(k_lengths),
+                              max_seqlen_k=max(k_lengths), return_lse=True)
+    want_o, want_lse = dense_options_oracle(q, k, v, q_lengths, k_lengths, causal, window, softcap, 0.3)
+    torch.testing.assert_close(o, want_o)
+    torch.testing.assert_close(lse, want_lse.float())
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], 4)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_reference_backward_formulas_match_autograd(causal):
     """The backward the custom op uses on the reference path (compiled CPU or fp32 runs) against autograd
@@ -65,6 +127,25 @@ def test_reference_backward_formulas_match_autograd(causal):
                                               softmax_scale=0.3)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_backward_formulas_match_autograd_with_every_option(causal):
+    """The same with separate q/k segments (no queries, no keys, fewer and more queries than keys), a
+    window and a softcap: the tanh derivative and the rows that see no key (gradient 0)."""
+    from mftcore.kernels.varlen_attention_reference import varlen_attention_reference_backward
+
+    q_lengths, k_lengths = [3, 0, 9, 6, 2], [7, 4, 9, 2, 0]
+    q = torch.randn(20, 4, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(22, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    do = torch.randn(20, 4, 16, dtype=torch.float64)
+    options = dict(causal=causal, softmax_scale=0.3, cu_seqlens_k=cu_of(k_lengths), max_seqlen_k=9,
+                   window_size=(3, 1), softcap=2.0)
+    want = torch.autograd.grad(va.varlen_attention_reference(q, k, v, cu_of(q_lengths), 9, **options), (q, k, v), do)
+    got = varlen_attention_reference_backward(do, q.detach(), k.detach(), v.detach(), cu_of(q_lengths), 9, **options)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+        assert a.isfinite().all()
 
 
 def test_cpu_dispatch_is_the_reference_and_scale_applies():
@@ -84,13 +165,21 @@ def test_cpu_dispatch_is_the_reference_and_scale_applies():
     (dict(max_seqlen=torch.tensor(10)), "host int"),
     (dict(cu=torch.tensor([0, 4, 9], dtype=torch.int32)), "rise from 0 to T=10"),
     (dict(max_seqlen=5), "max_seqlen=5 is shorter than a segment of 6"),
+    (dict(k=torch.randn(12, 2, 8), v=torch.randn(12, 2, 8)), r"Tq = Tk unless cu_seqlens_k"),
+    (dict(options=dict(cu_seqlens_k=cu_of([4, 6]))), "come together"),
+    (dict(options=dict(cu_seqlens_k=cu_of([4, 3, 3]), max_seqlen_k=4)), "cu_seqlens_k has 4 boundaries"),
+    (dict(options=dict(cu_seqlens_k=cu_of([4, 7]), max_seqlen_k=7)), "cu_seqlens_k must rise from 0 to T=10"),
+    (dict(options=dict(cu_seqlens_k=cu_of([3, 7]), max_seqlen_k=6)), "max_seqlen_k=6 is shorter than a segment of 7"),
+    (dict(options=dict(window_size=(-2, 0))), "window_size must be"),
+    (dict(options=dict(window_size=4)), "window_size must be"),
+    (dict(options=dict(softcap=-1.0)), "softcap must be a number >= 0"),
 ])
 def test_bad_inputs_are_named(args, message):
     inputs = dict(q=torch.randn(10, 4, 8), k=torch.randn(10, 2, 8), v=torch.randn(10, 2, 8), cu=cu_of([4, 6]),
-                  max_seqlen=6)
+                  max_seqlen=6, options={})
     inputs.update(args)
     with pytest.raises(ValueError, match=message):
-        varlen_attention(inputs["q"], inputs["k"], inputs["v"], inputs["cu"], inputs["max_seqlen"])
+        varlen_attention(inputs["q"], inputs["k"], inputs["v"], inputs["cu"], inputs["max_seqlen"], **inputs["options"])
 
 
 def test_triton_kernels_in_the_interpreter():
