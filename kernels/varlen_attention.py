@@ -73,9 +73,11 @@ class BlockConfig(NamedTuple):
 B = BlockConfig
 # Candidates per padded head dim, the first of each the default (MFTCORE_AUTOTUNE=0). Each compiles for
 # sm_90 and sm_80 (tests/kernels/test_varlen_attention.py): within sm_80's 163 KiB of shared memory, every
-# tl.dot with M >= 64 (wgmma's minimum), no register spills for D <= 128 except 8 bytes (one STL) in dK/dV
-# with atomic dQ at D = 64 on sm_80, as every size tried there; D = 256 spills in the backward (0.2-2 KiB
-# per thread at every size tried), so it has its default only. Tried and dropped for spills (triton 3.7):
+# tl.dot with M >= 64 (wgmma's minimum), no register spills for D <= 128 except those in
+# tests/kernels/test_varlen_attention.py's KNOWN_SPILLS: dK/dV with atomic dQ at D = 64 on sm_80 (32 bytes
+# since windows and q/k segments, 8 before) and at D = 80 on sm_90 (24), and the SOFTCAP variants (up to
+# 48 bytes at D = 128 on sm_90, 104 at D = 80); D = 256 spills in the backward (0.2-2 KiB per thread at
+# every size tried), so it has its default only. Tried and dropped for spills (triton 3.7):
 # fwd 128x128 w8 and 64x64 w4 at D=128 and 128x32 at D=256 (sm_80); dK/dV 128x128 at D=64, 64x128 and
 # 64x64 w4 at D=128; dQ 128x32 w4 at D=64, 128x64 at D=128. Causal masking needs fwd/dq
 # block_m % block_n == 0 and dkdv block_n % block_m == 0.
@@ -390,7 +392,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale, return_lse=return_lse,
                                           **reference_kwargs(cu_seqlens_k, max_seqlen_k, left, right, float(softcap)))
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    o, lse = torch.ops.mftcore.varlen_attention(q, k, v, cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k,
-                                                max_seqlen, max_seqlen_k, left, right, float(softcap), scale,
-                                                bool(deterministic), bool(return_lse))
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    o, lse = torch.ops.mftcore.varlen_attention(q, k, v, cu_seqlens, cu_k, max_seqlen, max_seqlen_k, left, right,
+                                                float(softcap), scale, bool(deterministic), bool(return_lse))
     return (o, (lse * LN2).t()) if return_lse else o

@@ -242,9 +242,10 @@ if __name__ == "__main__":
     print("Triton 3.7.1 and the ptxas/cuobjdump of its wheel, on a CPU-only machine: "
           "`python -m tests.helpers.compile_check`.\nregisters per thread; spill B = local memory and stack bytes "
           "per thread; STL = register spill stores in the SASS;\nshared B = bytes per block (limits: sm_80 166912, "
-          "sm_90 232448); HGMMA / HMMA = wgmma / mma.sync instructions in the SASS.\nCausal, GQA group and "
-          "sizes are runtime arguments (one binary serves all); head dim 80 (bf16) stands for the head dims\n"
-          "below their power of two (masked columns).\n\n## Default launches\n")
+          "sm_90 232448); HGMMA / HMMA = wgmma / mma.sync instructions in the SASS.\nCausal, windows, separate "
+          "q/k segments, GQA group and sizes are runtime arguments (one binary serves all); SOFTCAP is a\n"
+          "constexpr (its own binaries); head dim 80 (bf16) stands for the head dims below their power of two "
+          "(masked columns).\n\n## Default launches\n")
     print(STL_HEADER)
     for launch in varlen_attention_launches():
         for cap in (90, 80):
