@@ -18,9 +18,11 @@ flash-attention path (causal makes the right side 0). Each layer passes its own 
 and Gemma2's full-attention layers, from config.layer_types), so alternating layers need nothing here.
 
 Without those kwargs (generation, or a caller that does not pass them) each row is one whole causal
-sequence (no padding: an attention_mask never reaches this backend); a query shorter than its keys
-(decoding with a KV cache) is one segment per row of L queries and S keys, causal aligned bottom-right,
-so windows and softcap hold while generating too.
+sequence (no padding: an attention_mask never reaches this backend). A query shorter than its keys
+(decoding with a KV cache) goes to transformers' SDPA path as before, unless the layer has a sliding window
+or a softcap, which SDPA without a mask would drop: then it is one segment per row of L queries and S keys,
+causal aligned bottom-right (the kernel's separate q/k segments), so Gemma2 and windowed models generate
+right too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import warnings
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mftcore.errors import ConfigError
 from mftcore.kernels import varlen_attention
@@ -49,6 +52,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """HF attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
     B, Hq, L, D = query.shape
     S = key.shape[2]
+    if cu_seq_lens_q is None and S != L and sliding_window is None and not softcap:  # plain decoding step
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
     # Model features the kernel lacks are config mistakes for an mftcore run: one line, naming the key.
     if dropout:
         raise ConfigError(f"attn_implementation: {ATTN_IMPLEMENTATION} has no attention dropout and this model's "

@@ -127,8 +127,8 @@ def test_batch_segments_reach_every_layer_without_a_mask_or_host_reads(monkeypat
 @pytest.mark.parametrize("family, other, overrides", [("mistral", "sdpa", {}),
                                                        ("gemma2", "eager", WINDOWED["gemma2"])])
 def test_without_segments_a_row_is_one_sequence_and_decoding_keeps_the_window(family, other, overrides):
-    """No Batch: each row is one causal sequence; generating with a KV cache (L queries at the end of S
-    keys, the separate q/k segments) gives sdpa's / eager's tokens, for Gemma2 past its 4-token window."""
+    """No Batch: each row is one causal sequence; generating with a KV cache gives sdpa's / eager's tokens:
+    Llama-like decoding on SDPA, Gemma2's (window 4, softcap) on the kernel's separate q/k segments."""
     varlen, sdpa = make_models(family, other, **overrides)
     ids = torch.randint(0, VOCAB, (2, 10))
     torch.testing.assert_close(varlen(ids).logits, sdpa(ids).logits)
