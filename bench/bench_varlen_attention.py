@@ -3,6 +3,9 @@
 GPU part, called by bench/gpu_check.py (plain functions returning dicts):
     gpu_correctness()  errors against the PyTorch reference (bf16/fp16, deterministic or not), bitwise
                        determinism, agreement with torch.nn.attention.varlen.varlen_attn
+    gpu_options()      each option (sliding window 256/1024, softcap, return_lse, separate q/k segments) against
+                       the plain causal op: ms and cost per kept query-key pair; gates: the window cheaper than
+                       causal, the others within 5% per pair
     gpu_benchmarks()   packed rows of 8k and 16k tokens, documents of 256-4096 tokens, head dim 128, bf16,
                        causal, GQA 32/8 heads: forward and backward TFLOP/s of ours, varlen_attn (FA2 in
                        PyTorch), FlexAttention with a document mask (compiled) and SDPA per document, and
@@ -218,6 +221,82 @@ def gpu_shape(total, heads, head_dim, lengths_range) -> dict:
     if "fwd_ms" in ours and "fwd_ms" in flex:
         row["gate_faster_than_flex"] = ours["fwd_ms"] < flex["fwd_ms"] and ours["bwd_ms"] < flex["bwd_ms"]
     return row
+
+
+# ------------------------------------------------------------------------------------ options
+
+def option_cases(lengths, device) -> dict:
+    """name -> varlen_attention keywords (with the q/k split it needs) for each option measured against the
+    plain causal op: sliding windows shorter than the documents, Gemma2's softcap, the lse, and separate
+    q/k segments (chunked prefill: the last half of each document's queries against all its keys)."""
+    cu, max_len = cu_seqlens_of(lengths, device), max(lengths)
+    q_lengths = [n - n // 2 for n in lengths]
+    cu_q, q_rows = cu_seqlens_of(q_lengths, device), torch.cat(
+        [torch.arange(a + n // 2, a + n, device=device) for a, n in zip(cu.tolist(), lengths)])
+    return {
+        "causal": dict(cu=cu, max_len=max_len),
+        "window_256": dict(cu=cu, max_len=max_len, window_size=(255, 0)),
+        "window_1024": dict(cu=cu, max_len=max_len, window_size=(1023, 0)),
+        "softcap_50": dict(cu=cu, max_len=max_len, softcap=50.0),
+        "return_lse": dict(cu=cu, max_len=max_len, return_lse=True),
+        "q_half_of_k": dict(cu=cu_q, max_len=max(q_lengths), cu_seqlens_k=cu, max_seqlen_k=max_len, q_rows=q_rows),
+    }
+
+
+def option_tokens_seen(lengths, name: str) -> int:
+    """Query-key pairs an option's mask keeps (the work a block-skipping kernel should scale with)."""
+    def window_pairs(n, w):
+        return sum(min(i + 1, w) for i in range(n))
+    if name.startswith("window_"):
+        return sum(window_pairs(n, int(name.split("_")[1])) for n in lengths)
+    if name == "q_half_of_k":
+        return sum(sum(range(n // 2 + 1, n + 1)) for n in lengths)
+    return sum(n * (n + 1) // 2 for n in lengths)
+
+
+def options_benchmarks(device="cuda", total=16384, heads=(32, 8), head_dim=128, lengths_range=(2048, 8192),
+                       dtype=torch.bfloat16, timer=None) -> dict:
+    """Forward and backward time of each option (option_cases) and its cost per kept query-key pair
+    relative to the plain causal op. Gates (gate_* keys): a window of 256 is cheaper per token than causal
+    (the kernel skips blocks outside the window); softcap, lse and q/k segments cost at most 5% more per
+    kept pair than plain (more is a defect to note, the issue's rule)."""
+    timer = timer or time_ms
+    lengths = packed_lengths(total, *lengths_range, seed=total)
+    q, k, v, do = random_inputs(lengths, heads, head_dim, dtype, device)
+    rows = []
+    for name, case in option_cases(lengths, device).items():
+        case = dict(case)
+        cu, max_len, q_rows = case.pop("cu"), case.pop("max_len"), case.pop("q_rows", None)
+        qq, dd = (q, do) if q_rows is None else (q[q_rows], do[q_rows])
+        lse = case.get("return_lse", False)
+
+        def fn(qg, kg, vg):
+            out = varlen_attention(qg, kg, vg, cu, max_len, causal=True, **case)
+            return out[0] if lse else out
+
+        qg, kg, vg = (x.detach().requires_grad_() for x in (qq, k, v))
+        torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), dd)  # untimed: compiles and tunes
+        fwd = timer(lambda: fn(qq, k, v))
+        both = timer(lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), dd))
+        rows.append({"option": name, "fwd_ms": fwd, "bwd_ms": both - fwd, "pairs": option_tokens_seen(lengths, name)})
+    plain = rows[0]
+    for r in rows:
+        for mode in ("fwd", "bwd"):
+            r[f"{mode}_per_pair_vs_causal"] = (r[f"{mode}_ms"] / r["pairs"]) / (plain[f"{mode}_ms"] / plain["pairs"])
+        r["fwd+bwd_vs_causal"] = (r["fwd_ms"] + r["bwd_ms"]) / (plain["fwd_ms"] + plain["bwd_ms"])
+    by = {r["option"]: r for r in rows}
+    gates = {"gate_window_256_cheaper_than_causal": by["window_256"]["fwd+bwd_vs_causal"] < 1.0}
+    for name in ("softcap_50", "return_lse", "q_half_of_k"):
+        gates[f"gate_{name}_within_5pct"] = all(by[name][f"{m}_per_pair_vs_causal"] <= 1.05 for m in ("fwd", "bwd"))
+    return {"device": device if device == "cpu" else torch.cuda.get_device_name(), "total_tokens": total,
+            "documents": len(lengths), "heads": list(heads), "head_dim": head_dim, "dtype": str(dtype)[6:],
+            "options": rows, **gates}
+
+
+def gpu_options(**kwargs) -> dict:
+    """bench/gpu_check.py's stage: options_benchmarks on the GPU at 16k tokens of 2k-8k-token documents
+    (kwargs: its --dry-run's CPU shapes)."""
+    return options_benchmarks(**kwargs)
 
 
 # -------------------------------------------------------------------------------------------- CPU

@@ -92,6 +92,9 @@ def dry_run_kwargs() -> dict:
                                                     "timer": cpu_timer, "peak": None, "sweep": False},
         ("bench_cross_entropy", "gpu_option_benchmarks"): {"device": "cpu", "shape": (64, 32, 100),
                                                            "dtype": torch.float32, "timer": cpu_timer, "peak": None},
+        ("bench_varlen_attention", "gpu_options"): {"device": "cpu", "total": 256, "heads": (2, 1), "head_dim": 16,
+                                                    "lengths_range": (32, 128), "dtype": torch.float32,
+                                                    "timer": lambda fn: cpu_timer(fn, ())},
         ("bench_train_step", "gpu_benchmarks"): {"device": "cpu", "model_config": tiny_llama, "n_samples": 12,
                                                  "seq_length": 128, "batch_size": 2, "dtype": torch.float32,
                                                  "warmup_steps": 1},
@@ -106,6 +109,7 @@ CHECKS = [
     Check("bench_train_step", "gpu_benchmarks", 120),
     Check("bench_varlen_attention", "gpu_correctness", 40),
     Check("bench_varlen_attention", "gpu_benchmarks", 90),
+    Check("bench_varlen_attention", "gpu_options", 60),  # 6 options x fwd/bwd at 16k tokens
 ]
 
 

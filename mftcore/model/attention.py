@@ -11,9 +11,18 @@ The name is deliberately not registered with transformers' mask interface: `crea
 returns None at once, building no [B, 1, L, L] mask and skipping its packed-sequence detection from
 position_ids (which would read a tensor on the host every forward).
 
+The model's sliding window and attention-logit softcap go to the kernel: HF's `sliding_window` counts the
+current token (masking_utils: key > query - sliding_window, the same for Mistral, Qwen2, Starcoder2 and
+Gemma2 in transformers 5), so it is window_size=(sliding_window - 1, sliding_window - 1) as in HF's
+flash-attention path (causal makes the right side 0). Each layer passes its own window (None on Qwen2's
+and Gemma2's full-attention layers, from config.layer_types), so alternating layers need nothing here.
+
 Without those kwargs (generation, or a caller that does not pass them) each row is one whole causal
-sequence (no padding: an attention_mask never reaches this backend), and a query shorter than its keys
-(decoding with a KV cache) goes to transformers' SDPA path.
+sequence (no padding: an attention_mask never reaches this backend). A query shorter than its keys
+(decoding with a KV cache) goes to transformers' SDPA path as before, unless the layer has a sliding window
+or a softcap, which SDPA without a mask would drop: then it is one segment per row of L queries and S keys,
+causal aligned bottom-right (the kernel's separate q/k segments), so Gemma2 and windowed models generate
+right too.
 """
 
 from __future__ import annotations
@@ -42,24 +51,21 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """HF attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
     B, Hq, L, D = query.shape
-    if cu_seq_lens_q is None and key.shape[2] != L:  # decoding against a cache: not a varlen problem
+    S = key.shape[2]
+    if cu_seq_lens_q is None and S != L and sliding_window is None and not softcap:  # plain decoding step
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     # Model features the kernel lacks are config mistakes for an mftcore run: one line, naming the key.
     if dropout:
         raise ConfigError(f"attn_implementation: {ATTN_IMPLEMENTATION} has no attention dropout and this model's "
                           f"is {dropout}; use sdpa")
-    if softcap:
-        raise ConfigError(f"attn_implementation: {ATTN_IMPLEMENTATION} has no logit softcapping; use eager")
-    if cu_seq_lens_q is None:
+    if cu_seq_lens_q is None:  # one sequence per row; with a KV cache, L queries at the end of S keys
         cu_seq_lens_q = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=query.device)
-        max_length_q = L
-    elif key.shape[2] != L:
-        raise ValueError(f"{ATTN_IMPLEMENTATION} needs queries and keys of the same segments")
-    if sliding_window is not None and max_length_q > sliding_window:
-        raise ConfigError(f"attn_implementation: {ATTN_IMPLEMENTATION} has no sliding window, and this model's "
-                          f"window ({sliding_window} tokens) is shorter than a document ({max_length_q}); use "
-                          "sdpa or a seq_length within the window")
+        cu_seq_lens_k = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=query.device)
+        max_length_q, max_length_k = L, S
+    elif cu_seq_lens_k is None or max_length_k is None:
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+    window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, int(sliding_window) - 1)
     q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], D) for x in (query, key, value))  # [B*L, H, D]
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):  # as SDPA does under autocast: run in the autocast dtype
@@ -69,7 +75,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         warnings.warn(f"{ATTN_IMPLEMENTATION}: {q.dtype} on CUDA runs the PyTorch reference (one host sync "
                       "per layer); use bf16/fp16 weights or autocast for the Triton kernels", stacklevel=2)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = varlen_attention(q, k, v, cu_seq_lens_q, int(max_length_q), causal=bool(causal), softmax_scale=scaling)
+    separate = cu_seq_lens_k is not cu_seq_lens_q
+    out = varlen_attention(q, k, v, cu_seq_lens_q, int(max_length_q), causal=bool(causal), softmax_scale=scaling,
+                           window_size=window, softcap=float(softcap or 0.0),
+                           cu_seqlens_k=cu_seq_lens_k if separate else None,
+                           max_seqlen_k=int(max_length_k) if separate else None)
     return out.view(B, L, Hq, D), None
 
 

@@ -12,6 +12,7 @@ gives SASS and the resource usage (registers, spills).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -124,7 +125,8 @@ def dump_cubin(cubin: bytes) -> tuple[str, dict]:
 def varlen_attention_launches() -> list[Launch]:
     """Every distinct launch the varlen attention launchers make for CUDA's dtypes (fp16, bf16) and head dim
     buckets (64, 128, 256), plus head dim 80 in bf16 for the masked-column path of dims below a power of
-    two; each for MHA and GQA, causal or not, deterministic or not (those are runtime arguments)."""
+    two; each for MHA and GQA, causal or not, a sliding window or not, separate q/k segments or not,
+    deterministic or not (those are runtime arguments), with and without a softcap (a constexpr)."""
     import importlib
 
     import torch
@@ -133,16 +135,20 @@ def varlen_attention_launches() -> list[Launch]:
     cases = [(dtype, d) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)]
     cases.append((torch.bfloat16, 80))
     cu = torch.tensor([0, 100, 300, 1024], dtype=torch.int32)
+    cu_k = torch.tensor([0, 200, 300, 1024], dtype=torch.int32)
+    # runtime variety (one binary serves all): causal, full, a window over separate q/k segments
+    variants = (((-1, 0), cu), ((-1, -1), cu), ((255, 0), cu_k))
     launches, keys = [], set()
     with captured_launches(va) as seen:
         for dtype, d in cases:
             for hq, hkv in ((8, 8), (8, 2)):
                 q = torch.zeros(1024, hq, d, dtype=dtype)
                 k = torch.zeros(1024, hkv, d, dtype=dtype)
-                for causal in (True, False):
-                    o, lse = va.varlen_attention_forward(q, k, k, cu, 724, causal, d ** -0.5)
+                for ((left, right), ck), softcap in itertools.product(variants, (0.0, 50.0)):
+                    seg = va.Segments(cu, ck, 724, 724, left, right, softcap)
+                    o, lse = va.varlen_attention_forward(q, k, k, seg, d ** -0.5)
                     for det in (False, True):
-                        va.varlen_attention_backward(o, q, k, k, o, lse, cu, 724, causal, d ** -0.5, det)
+                        va.varlen_attention_backward(o, q, k, k, o, lse, seg, d ** -0.5, det)
     for launch in seen:
         key = launch_key(launch)
         if key not in keys:
@@ -164,7 +170,7 @@ def distinct(launches) -> list[Launch]:
 
 def varlen_attention_candidate_launches() -> list[Launch]:
     """Every candidate block configuration of each varlen kernel (the tuner's choices), compiled in bf16 for
-    head dims 64/128/256, each with the arguments of a captured default launch."""
+    head dims 64/128/256, with and without softcap, each with the arguments of a captured default launch."""
     import importlib
 
     va = importlib.import_module("mftcore.kernels.varlen_attention")
@@ -172,15 +178,16 @@ def varlen_attention_candidate_launches() -> list[Launch]:
     for launch in varlen_attention_launches():
         consts = launch.spec.constexprs
         if str(launch.args[0].dtype) == "torch.bfloat16" and consts["HEAD_DIM"] in (64, 128, 256):
-            defaults[(launch.spec.kernel.fn.__name__, consts["D_PAD"], consts.get("ATOMIC_DQ"))] = launch
+            defaults[(launch.spec.kernel.fn.__name__, consts["D_PAD"], consts.get("ATOMIC_DQ"),
+                      consts.get("SOFTCAP"))] = launch
     out = []
-    for (name, d, atomic), launch in defaults.items():
+    for (name, d, atomic, cap), launch in defaults.items():
         if name == "_fwd_kernel":
-            specs = [va.forward_spec(d, cfg) for cfg in va.FWD_CONFIGS[d]]
+            specs = [va.forward_spec(d, cfg, cap) for cfg in va.FWD_CONFIGS[d]]
         elif name == "_bwd_dkdv_kernel":
-            specs = [va.dkdv_spec(d, not atomic, cfg) for cfg in va.DKDV_CONFIGS[d]]
+            specs = [va.dkdv_spec(d, not atomic, cfg, cap) for cfg in va.DKDV_CONFIGS[d]]
         elif name == "_bwd_dq_kernel":
-            specs = [va.dq_spec(d, cfg) for cfg in va.DQ_CONFIGS[d]]
+            specs = [va.dq_spec(d, cfg, cap) for cfg in va.DQ_CONFIGS[d]]
         else:
             continue
         out += [Launch(spec, launch.args) for spec in specs]
@@ -261,9 +268,10 @@ if __name__ == "__main__":
     print("Triton 3.7.1 and the ptxas/cuobjdump of its wheel, on a CPU-only machine: "
           "`python -m tests.helpers.compile_check`.\nregisters per thread; spill B = local memory and stack bytes "
           "per thread; STL = register spill stores in the SASS;\nshared B = bytes per block (limits: sm_80 166912, "
-          "sm_90 232448); HGMMA / HMMA = wgmma / mma.sync instructions in the SASS.\nCausal, GQA group and "
-          "sizes are runtime arguments (one binary serves all); head dim 80 (bf16) stands for the head dims\n"
-          "below their power of two (masked columns).\n\n## Default launches\n")
+          "sm_90 232448); HGMMA / HMMA = wgmma / mma.sync instructions in the SASS.\nCausal, windows, separate "
+          "q/k segments, GQA group and sizes are runtime arguments (one binary serves all); SOFTCAP is a\n"
+          "constexpr (its own binaries); head dim 80 (bf16) stands for the head dims below their power of two "
+          "(masked columns).\n\n## Default launches\n")
     print(STL_HEADER)
     for launch in varlen_attention_launches():
         for cap in (90, 80):

@@ -37,7 +37,17 @@ def va_args(dtype=torch.float32, causal=True, gqa=True):
     q = torch.randn(T, 4, 16, generator=g).to(dtype).requires_grad_()
     k, v = (torch.randn(T, 2 if gqa else 4, 16, generator=g).to(dtype).requires_grad_() for _ in range(2))
     cu = torch.tensor([0, 5, 6, 18, 24], dtype=torch.int32)
-    return q, k, v, cu, max(lengths), causal, 16 ** -0.5, False
+    # q, k, v, cu_q, cu_k, max_q, max_k, window left, right (0: causal), softcap, scale, deterministic, lse
+    return q, k, v, cu, cu, max(lengths), max(lengths), -1, 0 if causal else -1, 0.0, 16 ** -0.5, False, False
+
+
+def va_options_args():
+    """Separate q/k segments (one without queries), a window, a softcap and the lse, on the reference path."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(14, 4, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(24, 2, 16, generator=g).requires_grad_() for _ in range(2))
+    cu_q, cu_k = (torch.tensor(x, dtype=torch.int32) for x in ([0, 3, 3, 14], [0, 5, 6, 24]))
+    return q, k, v, cu_q, cu_k, 11, 18, 4, 0, 2.5, 0.3, False, True
 
 
 @pytest.mark.parametrize("case", ["fp32", "fp32-no-bias", "frozen-head", "fp16", "fp32-head-fp16-hidden",
@@ -52,20 +62,22 @@ def test_opcheck_fused_linear_cross_entropy(case):
     torch.library.opcheck(torch.ops.mftcore.fused_linear_cross_entropy.default, tuple(args))
 
 
-@pytest.mark.parametrize("causal, gqa", [(True, True), (False, False)])
-def test_opcheck_varlen_attention(causal, gqa):
-    args = va_args(causal=causal, gqa=gqa)
+@pytest.mark.parametrize("case", ["causal-gqa", "full-mha", "options"])
+def test_opcheck_varlen_attention(case):
+    args = {"causal-gqa": lambda: va_args(causal=True, gqa=True), "full-mha": lambda: va_args(causal=False, gqa=False),
+            "options": va_options_args}[case]()
     torch.library.opcheck(torch.ops.mftcore.varlen_attention.default, args)
-    q, k, v, cu, max_seqlen, causal, scale, det = args
+    q, k, v, *rest, return_lse = args
     o, lse = torch.ops.mftcore.varlen_attention(*args)
+    assert lse.shape == ((4, 14) if return_lse else (0,))
     do = torch.randn_like(o)
     torch.library.opcheck(torch.ops.mftcore.varlen_attention_backward.default,
-                          (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, cu, max_seqlen, causal, scale, det))
+                          (do, q.detach(), k.detach(), v.detach(), o.detach(), lse, *rest))
 
 
-def attention_then_loss(q, k, v, cu, weight, labels, tasks):
+def attention_then_loss(q, k, v, cu, weight, labels, tasks, **options):
     """A model's last steps: attention over packed documents, then the fused loss on its output."""
-    o = varlen_attention(q, k, v, cu, 12, causal=True)
+    o = varlen_attention(q, k, v, cu, 12, causal=True, **options)
     out = fused_linear_cross_entropy(o.flatten(1), weight, labels, tasks, num_tasks=3)
     return out.loss, out.task_loss_sum
 
@@ -79,16 +91,17 @@ def loss_inputs():
     return q, k, v, cu, weight, labels, torch.randint(0, 3, (q.shape[0],), generator=g)
 
 
-def test_compile_fullgraph_traces_both_ops_and_matches_eager():
+@pytest.mark.parametrize("options", [{}, dict(window_size=(3, -1), softcap=4.0)], ids=["plain", "window-softcap"])
+def test_compile_fullgraph_traces_both_ops_and_matches_eager(options):
     torch._dynamo.reset()
     inputs = loss_inputs()
     leaves = [inputs[i] for i in (0, 1, 2, 4)]
-    eager = attention_then_loss(*inputs)
+    eager = attention_then_loss(*inputs, **options)
     eager[0].backward()
     eager_grads = [t.grad.clone() for t in leaves]
     for t in leaves:
         t.grad = None
-    compiled = torch.compile(attention_then_loss, fullgraph=True, backend="inductor")(*inputs)
+    compiled = torch.compile(attention_then_loss, fullgraph=True, backend="inductor")(*inputs, **options)
     compiled[0].backward()
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ from mftcore.config import TrainConfig
 from mftcore.data import Sample, collate_padded
 from mftcore.data.batch import Batch
 from mftcore.errors import ConfigError
-from mftcore.model.decoder import hidden_states
+from mftcore.model.decoder import decoder, hidden_states
 from mftcore.model.load import resolve_attn_implementation
 
 VOCAB = 97
@@ -28,16 +28,26 @@ FAMILIES = {  # tiny configs; rotary everywhere (GPT-NeoX: on a quarter of each 
 }
 
 
-def make_models(family, **overrides):
-    """The same weights twice: mftcore_varlen and sdpa."""
+WINDOWED = {  # families with sliding windows (4 tokens, counting the current one) and Gemma2's logit softcap
+    "mistral": dict(num_key_value_heads=2, sliding_window=4),
+    "qwen2": dict(num_key_value_heads=2, sliding_window=4, use_sliding_window=True, max_window_layers=1,
+                  num_hidden_layers=3),  # layers 1-2 slide, layer 0 attends fully
+    "starcoder2": dict(num_key_value_heads=2, sliding_window=4),
+    "gemma2": dict(num_key_value_heads=2, head_dim=16, sliding_window=4, attn_logit_softcapping=2.0,
+                   query_pre_attn_scalar=16, num_hidden_layers=3),  # layer_types: sliding, full, sliding
+}
+
+
+def make_models(family, other="sdpa", **overrides):
+    """The same weights twice: mftcore_varlen and `other`."""
     sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
-    config = AutoConfig.for_model(family, **{**sizes, **FAMILIES[family], **overrides})
+    config = AutoConfig.for_model(family, **{**sizes, **FAMILIES.get(family, {}), **overrides})
     torch.manual_seed(0)
     # from_config keeps the config object: each model needs its own, or the second backend wins for both
     varlen = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="mftcore_varlen").eval()
-    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation=other).eval()
     sdpa.load_state_dict(varlen.state_dict())
-    assert (varlen.config._attn_implementation, sdpa.config._attn_implementation) == ("mftcore_varlen", "sdpa")
+    assert (varlen.config._attn_implementation, sdpa.config._attn_implementation) == ("mftcore_varlen", other)
     return varlen, sdpa
 
 
@@ -53,9 +63,17 @@ def logits(model, batch):
     return model.lm_head(hidden_states(model, batch))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_row_gives_each_document_its_own_logits_and_gradients(family):
-    varlen, sdpa = make_models(family)
+CASES = [(family, None) for family in FAMILIES] + [(family, "eager") for family in WINDOWED]
+
+
+@pytest.mark.parametrize("family, other", CASES, ids=[f"{f}-{o or 'sdpa'}" for f, o in CASES])
+def test_packed_row_gives_each_document_its_own_logits_and_gradients(family, other):
+    """A packed row on mftcore_varlen against each document alone on sdpa, or, for the windowed families
+    (windows of 4 tokens, documents up to 17) and Gemma2's softcap, on eager, which builds HF's own
+    sliding-window masks per layer: outputs and parameter gradients."""
+    varlen, sdpa = make_models(family, other or "sdpa", **WINDOWED.get(family, {}) if other else {})
+    if family == "gemma2":
+        assert varlen.config.layer_types[:2] == ["sliding_attention", "full_attention"]
     torch.manual_seed(1)
     docs = [torch.randint(0, VOCAB, (n,)) for n in (9, 1, 17, 5)]
     packed = logits(varlen, packed_batch(docs))[0]
@@ -63,7 +81,10 @@ def test_packed_row_gives_each_document_its_own_logits_and_gradients(family):
     start = 0
     for i, doc in enumerate(docs):
         part = slice(start, start + len(doc))
-        alone = logits(sdpa, packed_batch([doc]))[0]
+        if other:  # HF's own masks (sliding per layer): run_decoder's block-diagonal mask knows no window
+            alone = sdpa.lm_head(decoder(sdpa)(input_ids=doc[None]).last_hidden_state)[0]
+        else:
+            alone = logits(sdpa, packed_batch([doc]))[0]
         torch.testing.assert_close(packed[part], alone, atol=1e-5, rtol=1e-5)
         # this document's loss alone, inside the packed row and outside: the same parameter gradients
         g_packed = torch.autograd.grad((packed[part] * probe[part]).sum(), list(varlen.parameters()),
@@ -103,21 +124,22 @@ def test_batch_segments_reach_every_layer_without_a_mask_or_host_reads(monkeypat
     assert len(calls) == 2 and all(cu is batch.cu_seqlens and n == 11 for cu, n in calls)
 
 
-def test_without_segments_a_row_is_one_sequence_and_decoding_falls_back_to_sdpa():
-    varlen, sdpa = make_models("mistral")
+@pytest.mark.parametrize("family, other, overrides", [("mistral", "sdpa", {}),
+                                                       ("gemma2", "eager", WINDOWED["gemma2"])])
+def test_without_segments_a_row_is_one_sequence_and_decoding_keeps_the_window(family, other, overrides):
+    """No Batch: each row is one causal sequence; generating with a KV cache gives sdpa's / eager's tokens:
+    Llama-like decoding on SDPA, Gemma2's (window 4, softcap) on the kernel's separate q/k segments."""
+    varlen, sdpa = make_models(family, other, **overrides)
     ids = torch.randint(0, VOCAB, (2, 10))
     torch.testing.assert_close(varlen(ids).logits, sdpa(ids).logits)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(varlen.generate(ids[:1], **kwargs), sdpa.generate(ids[:1], **kwargs))
 
 
-def test_model_features_the_kernel_lacks_are_config_errors():
-    varlen, _ = make_models("mistral", sliding_window=8)
-    with pytest.raises(ConfigError, match="attn_implementation: mftcore_varlen has no sliding window"):
-        hidden_states(varlen, packed_batch([torch.arange(12)]))
-    hidden_states(varlen, packed_batch([torch.arange(8), torch.arange(6)]))  # documents within the window
+def test_attention_dropout_is_a_config_error():
     varlen, _ = make_models("llama", attention_dropout=0.1)
-    with pytest.raises(ConfigError, match="attention dropout"):
+    hidden_states(varlen, packed_batch([torch.arange(4)]))  # eval: no dropout
+    with pytest.raises(ConfigError, match="attn_implementation: mftcore_varlen has no attention dropout"):
         hidden_states(varlen.train(), packed_batch([torch.arange(4)]))
 
 
