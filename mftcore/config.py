@@ -80,7 +80,8 @@ class TrainConfig:
     model_type: Optional[str] = None
     """Model family in MFTCoder's names (llama, deepseek, starcoder, ...); checked against the checkpoint."""
     attn_implementation: Optional[str] = None
-    """eager, sdpa, flash_attention_2, mftcore_varlen; null: mftcore_varlen if packing, else sdpa."""
+    """eager, sdpa, flash_attention_2, mftcore_varlen; null: mftcore_varlen if packing, else sdpa (eager where
+    transformers has no sdpa for the model: Gemma2)."""
     peft_type: Optional[str] = None
     """Null for full fine-tuning, "lora", or "qlora" (LoRA on a 4-bit NormalFloat base)."""
     trust_remote_code: bool = False

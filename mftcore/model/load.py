@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from mftcore.errors import ConfigError
 from mftcore.integrity import irregular_file, weights_problem
 from mftcore.model.attention import ATTN_IMPLEMENTATION  # importing it registers "mftcore_varlen"
+from mftcore.model.decoder import check_packed_windows
 from mftcore.model.families import check_loss_compatible, check_model_matches, resolve_eos_token
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -65,11 +66,15 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def resolve_attn_implementation(value, padding_mode: str) -> str:
-    """null/"auto" -> mftcore_varlen for packed rows (documents must not see each other), else sdpa;
-    flash_attention_2 where flash_attn is not installed -> mftcore_varlen (with a warning)."""
+def resolve_attn_implementation(value, padding_mode: str, config=None) -> str:
+    """null/"auto" -> mftcore_varlen for packed rows (documents must not see each other), else sdpa, or
+    eager where the installed transformers has no sdpa for the model's class (Gemma2: `_supports_sdpa` is
+    False, its attention softcap); flash_attention_2 where flash_attn is not installed -> mftcore_varlen
+    (with a warning)."""
     if value in (None, "auto"):
-        return ATTN_IMPLEMENTATION if padding_mode == "pack" else "sdpa"
+        if padding_mode == "pack":
+            return ATTN_IMPLEMENTATION
+        return "sdpa" if config is None or supports_sdpa(config) else "eager"
     if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         # MFTCoder's configs ask for FA2; mftcore_varlen computes the same exact attention over the same
         # cu_seqlens, so those configs run unchanged where flash_attn cannot be installed.
@@ -78,10 +83,30 @@ def resolve_attn_implementation(value, padding_mode: str) -> str:
     return value
 
 
+def run_attn_implementation(cfg, config) -> str:
+    """The run's backend for the model's config; packed rows on sdpa/eager need the family's sliding-window
+    layout (a ConfigError naming attn_implementation before any weights load, not at the first step)."""
+    attn = resolve_attn_implementation(cfg.attn_implementation, cfg.padding_mode, config)
+    if cfg.padding_mode == "pack":
+        check_packed_windows(config, attn)
+    return attn
+
+
+def supports_sdpa(config) -> bool:
+    """Whether transformers' causal-LM class for the config runs on sdpa (True for a class it cannot name:
+    loading then says what is wrong)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return True
+    return bool(getattr(cls, "_supports_sdpa", True))
+
+
 def load_model(cfg, vocab_size: int, dtype=torch.float32, quantization_config=None, device_map=None):
     """From pretrained_model_path (safetensors only), or randomly initialised from model_config."""
-    kwargs = dict(attn_implementation=resolve_attn_implementation(cfg.attn_implementation, cfg.padding_mode),
-                  trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code)
     if cfg.pretrained_model_path is not None:
         path = cfg.pretrained_model_path
         if not os.path.isdir(path):
@@ -92,6 +117,7 @@ def load_model(cfg, vocab_size: int, dtype=torch.float32, quantization_config=No
             config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
             check_model_matches(cfg.model_type, config)
             check_loss_compatible(config)
+            kwargs["attn_implementation"] = run_attn_implementation(cfg, config)
             problem = weights_problem(path)  # truncated or missing weights: one line, not safetensors' error
             if problem:
                 raise ConfigError(f"pretrained_model_path: {path}: {problem} (weights are read only from safetensors)")
@@ -111,6 +137,7 @@ def load_model(cfg, vocab_size: int, dtype=torch.float32, quantization_config=No
     check_model_matches(cfg.model_type, config)
     check_loss_compatible(config)
     check_shapes(config)
+    kwargs["attn_implementation"] = run_attn_implementation(cfg, config)
     try:
         return AutoModelForCausalLM.from_config(config, **kwargs)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError, ZeroDivisionError) as e:

@@ -8,6 +8,10 @@ first step every rank calls `share_kernel_tuning`: rank 0 runs one forward and b
 run's shapes on random data (`tune_shapes`), the records are broadcast, and every rank installs them with
 on_miss="nearest", so a key met later (a shorter padded batch) takes the nearest tuned key's choice on
 every rank alike and nothing measures or communicates inside a step. A single process tunes on first use.
+The run's options are part of the keys, so they are part of the shapes too: the fused loss runs with the
+head's logit transform (families.loss_options: Gemma2's softcap, Cohere's logit_scale; options have their own
+candidates and key), and attention once per distinct (window, softcap) of the model's layers (Gemma2's
+attention softcap is in the kernel's key).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 
 from mftcore.kernels import autotune, fused_linear_cross_entropy, varlen_attention
 from mftcore.kernels.dispatch import interpreted
+from mftcore.model.decoder import layer_windows
+from mftcore.model.families import loss_options
 from mftcore.parallel.comm import broadcast_object, is_distributed
 
 
@@ -37,6 +43,16 @@ class RunShapes:
     kv_heads: int
     head_dim: int
     seq_length: int
+    loss_options: tuple = ()  # sorted (keyword, value) pairs of the fused loss's options (loss_options)
+    attention: tuple = (((-1, -1), 0.0),)  # distinct (window_size, softcap) over the layers
+
+
+def attention_options(config) -> tuple:
+    """The distinct (window_size, softcap) the model's layers pass to varlen_attention (as attention.py maps
+    HF's window, which counts the current token: (w - 1, w - 1))."""
+    windows = layer_windows(config) or [getattr(config, "sliding_window", None)]
+    softcap = float(getattr(config, "attn_logit_softcapping", None) or 0.0)
+    return tuple(dict.fromkeys(((-1, -1) if w is None else (int(w) - 1, int(w) - 1), softcap) for w in windows))
 
 
 def run_shapes(cfg, lm, dtype: torch.dtype) -> RunShapes:
@@ -49,7 +65,8 @@ def run_shapes(cfg, lm, dtype: torch.dtype) -> RunShapes:
         vocab=head.weight.shape[0], bias=head.bias is not None, weight_dtype=head.weight.dtype, dtype=dtype,
         varlen=conf._attn_implementation == "mftcore_varlen", heads=heads,
         kv_heads=getattr(conf, "num_key_value_heads", None) or heads,
-        head_dim=getattr(conf, "head_dim", None) or conf.hidden_size // heads, seq_length=cfg.seq_length)
+        head_dim=getattr(conf, "head_dim", None) or conf.hidden_size // heads, seq_length=cfg.seq_length,
+        loss_options=tuple(sorted(loss_options(conf).items())), attention=attention_options(conf))
 
 
 def tune_shapes(shapes: RunShapes, device: torch.device) -> None:
@@ -68,7 +85,8 @@ def tune_shapes(shapes: RunShapes, device: torch.device) -> None:
         hidden = torch.randn(tokens, H, generator=g, device=device).to(shapes.dtype).requires_grad_(grad)
         labels = torch.randint(0, V, (tokens,), generator=g, device=device)
         with torch.set_grad_enabled(grad):
-            out = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, num_tasks=1, reduction="sum")
+            out = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, num_tasks=1, reduction="sum",
+                                             **dict(shapes.loss_options))
             if grad:
                 out.loss.backward()
     del weight, bias, hidden
@@ -77,8 +95,9 @@ def tune_shapes(shapes: RunShapes, device: torch.device) -> None:
         cu = torch.arange(0, T + 1, shapes.seq_length, dtype=torch.int32, device=device)
         q, k, v = (torch.randn(T, h, shapes.head_dim, generator=g, device=device).to(shapes.dtype).requires_grad_()
                    for h in (shapes.heads, shapes.kv_heads, shapes.kv_heads))
-        o = varlen_attention(q, k, v, cu, shapes.seq_length, causal=True)
-        o.backward(torch.randn_like(o))
+        for window, softcap in shapes.attention:
+            o = varlen_attention(q, k, v, cu, shapes.seq_length, causal=True, window_size=window, softcap=softcap)
+            o.backward(torch.randn_like(o))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
