@@ -261,7 +261,7 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     sampler = ValidationSampler(data.valid, cfg.per_device_eval_batch_size, pad_id) if weighting else None
     evaluate_valid = functools.partial(evaluate, engine.module, data.valid, batch_size=cfg.per_device_eval_batch_size,
                                        pad_id=pad_id, num_tasks=K, device=device, autocast=autocast, rank=env.rank,
-                                       world_size=env.world_size)
+                                       world_size=env.world_size, progress=True)
     run = Run(cfg, env, data.names, tokenizer, data, engine, scheduler, loader, total_steps, autocast, moe,
               weighting, sampler, evaluate_valid, metrics=None,
               weights=None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device),
