@@ -16,6 +16,7 @@ import threading
 
 from mftcore import __version__, mftcoder
 from mftcore.errors import ConfigError, Interrupted, MftcoreError
+from mftcore.quiet import silence_third_party
 
 
 def add_train_parser(sub) -> None:
@@ -250,6 +251,7 @@ def report(message: str) -> None:
 
 
 def main(argv=None) -> int:
+    silence_third_party()  # before any command imports DeepSpeed, bitsandbytes or peft
     args = build_parser().parse_args(argv)
     try:
         with terminate_as_exception():

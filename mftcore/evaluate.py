@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from mftcore.data.batch import collate_padded, empty_batch
 from mftcore.kernels import task_mean
@@ -92,10 +93,16 @@ def batched(samples, batch_size: int, pad_id: int, rank: int = 0, world_size: in
 
 
 def evaluate(model, samples, *, batch_size: int, pad_id: int, num_tasks: int, device, autocast=contextlib.nullcontext,
-             rank: int = 0, world_size: int = 1):
-    """The whole validation set, in order (sharded over the ranks)."""
-    result = evaluate_batches(model, batched(samples, batch_size, pad_id, rank, world_size), num_tasks, device,
-                              autocast, pad_id=pad_id)
+             rank: int = 0, world_size: int = 1, progress: bool = False):
+    """The whole validation set, in order (sharded over the ranks). progress: a bar on rank 0, one line
+    below the train bar (position=1), removed when done (leave=False); updated on every batch, each
+    being seconds of work on a real model."""
+    batches = batched(samples, batch_size, pad_id, rank, world_size)
+    if progress and rank == 0:
+        total = math.ceil(math.ceil(len(samples) / batch_size) / world_size)
+        batches = tqdm(batches, total=total, desc="eval", unit="batch", leave=False, position=1,
+                       dynamic_ncols=True, mininterval=0, miniters=1)
+    result = evaluate_batches(model, batches, num_tasks, device, autocast, pad_id=pad_id)
     return result.summed_over_ranks() if world_size > 1 else result
 
 

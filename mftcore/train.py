@@ -36,6 +36,7 @@ from mftcore.errors import ConfigError, TrainingError, TrainingInterrupted
 from mftcore.evaluate import ValidationSampler, evaluate, evaluate_batches
 from mftcore.io import remove_leftovers
 from mftcore.loss import loss_mode, step_token_scales
+from mftcore.memory import SavedBytes, fix_host_malloc, memory_breakdown, write_memory
 from mftcore.metrics import Metrics, Window, attention_width, matmul_params, peak_flops, peak_memory_gb, step_flops
 from mftcore.model.build import build_model, compute_dtype
 from mftcore.model.chat_template import set_stop_tokens, set_training_template
@@ -56,6 +57,7 @@ from mftcore.weighting import build_weighting
 def train(cfg: TrainConfig) -> str:
     """Run training to the end; returns the directory of the final model (or adapter). Under torchrun
     every rank runs this; the engine is cfg.distributed_type (mftcore/parallel/)."""
+    fix_host_malloc()  # before the model's tensors exist: see mftcore/memory.py
     env = parallel.setup(cfg)
     try:
         check_train_paths(cfg)
@@ -79,8 +81,12 @@ def train_loop(run: "Run") -> str:
         while state.step < run.total_steps and not state.early_stopped:
             batch = next(steps)  # fetch
             lr = run.scheduler.get_last_lr()[0]
-            res = train_step(run.engine, batch.batches, run.scheduler, cfg, len(run.names), run.weights,  # step
-                             autocast=run.autocast, moe=run.moe)
+            measuring = state.step == 0 and run.env.device.type == "cpu"  # memory.json: measured on step 1 only
+            with SavedBytes(run.engine.module) if measuring else contextlib.nullcontext() as saved:
+                res = train_step(run.engine, batch.batches, run.scheduler, cfg, len(run.names), run.weights,  # step
+                                 autocast=run.autocast, moe=run.moe)
+            if state.step == 0:
+                report_memory(run, saved)
             state.step, run.position = state.step + 1, batch.position
             step = state.step
             # All ranks' tokens, and whether any rank has had a SIGTERM (all stop after the same step).
@@ -258,7 +264,7 @@ def build_run(cfg: TrainConfig, env: parallel.Dist) -> Run:
     sampler = ValidationSampler(data.valid, cfg.per_device_eval_batch_size, pad_id) if weighting else None
     evaluate_valid = functools.partial(evaluate, engine.module, data.valid, batch_size=cfg.per_device_eval_batch_size,
                                        pad_id=pad_id, num_tasks=K, device=device, autocast=autocast, rank=env.rank,
-                                       world_size=env.world_size)
+                                       world_size=env.world_size, progress=True)
     run = Run(cfg, env, data.names, tokenizer, data, engine, scheduler, loader, total_steps, autocast, moe,
               weighting, sampler, evaluate_valid, metrics=None,
               weights=None if cfg.task_weights is None else torch.tensor(cfg.task_weights, device=device),
@@ -409,6 +415,15 @@ def write_valid_record(run: Run, step: int, result, vloss: float) -> None:
                       per_task(run.names, result.task_losses()),
                       {"task_accuracy": per_task(run.names, result.task_accuracy()),
                        "task_tokens": per_task(run.names, result.task_token_count.tolist())})
+
+
+def report_memory(run: Run, saved) -> None:
+    """memory.json after the first optimizer step (mftcore/memory.py), and its line."""
+    sharded = run.env.engine if run.env.engine in ("fsdp", "deepspeed") else ""
+    record = memory_breakdown(run.engine.module, run.engine.optimizer, run.env.device,
+                              saved_bytes=saved.bytes if saved is not None else None, sharded=sharded)
+    if run.env.rank == 0:
+        run.metrics.print(write_memory(run.cfg.output_dir, record))
 
 
 def evaluate_at_start(run: Run) -> None:

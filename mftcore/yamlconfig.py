@@ -6,7 +6,9 @@ are built (null, bool, int, float, str, list, mapping) and any other tag (!!bina
 a custom tag) is refused with its line, and a timestamp-looking scalar stays a string. Floats written
 without a dot (`1e-4`, YAML 1.2 style) are numbers, as a user of axolotl or HF configs expects; YAML
 1.1's resolver would make them the string "1e-4". NaN and infinity (.nan, .inf) are parsed here and
-refused by config.check_finite, exactly as JSON's NaN / Infinity are.
+refused by config.check_finite, exactly as JSON's NaN / Infinity are. YAML 1.1's other booleans,
+unquoted yes / no / on / off, are refused with their line (YAML 1.2 reads them as strings, PyYAML as
+booleans: `lora: no` would mean different things to different readers): write true / false, or quote them.
 """
 
 from __future__ import annotations
@@ -47,11 +49,19 @@ class StrictLoader(yaml.SafeLoader):
             out[key] = self.construct_object(value_node, deep=True)
         return out
 
+    def construct_strict_bool(self, node):
+        text = self.construct_scalar(node)
+        if text.lower() not in ("true", "false"):
+            raise JsonProblem(f"{text!r} is a boolean in YAML 1.1 but a string in YAML 1.2: write true or false, "
+                              f"or quote it", node.start_mark.line + 1)
+        return text.lower() == "true"
+
     def construct_timestamp_as_text(self, node):
         return self.construct_scalar(node)
 
 
 StrictLoader.add_constructor("tag:yaml.org,2002:map", StrictLoader.construct_strict_mapping)
+StrictLoader.add_constructor("tag:yaml.org,2002:bool", StrictLoader.construct_strict_bool)
 StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", StrictLoader.construct_timestamp_as_text)
 StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

@@ -10,10 +10,10 @@ from tests.helpers.paths import ROOT
 # Bottom first. A module may import from its own layer (if that makes no cycle) or any layer below.
 LAYERS = [
     # kernels import nothing of mftcore: other trainers embed them
-    ("errors", "io", "integrity", "outputs", "_packing", "kernels", "sandbox", "yamlconfig"),
+    ("errors", "io", "integrity", "outputs", "_packing", "kernels", "sandbox", "yamlconfig", "quiet"),
     ("mftcoder", "data"),
     ("model",),
-    ("loss", "weighting", "trackers", "metrics", "optim", "parallel"),
+    ("loss", "weighting", "trackers", "metrics", "memory", "optim", "parallel"),
     ("config", "evaluate", "checkpoint"),
     ("train", "commands", "codeeval"),  # codeeval generates through commands/generate.py
     ("cli", "__main__", "__init__"),

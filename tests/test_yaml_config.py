@@ -61,12 +61,22 @@ BASE = "data_paths: [a]\ntokenizer_path: t\nmodel_config: {model_type: llama}\n"
     (BASE + "1: x\n", r"c\.yaml:4: keys must be strings"),
     (BASE + "---\nseed: 1\n", r"c\.yaml:4: invalid YAML: .*single document"),
     (BASE + "lerning_rate: 1\n", r"c\.yaml: .*lerning_rate.*learning_rate"),
+    (BASE + "gradient_checkpointing: yes\n", r"c\.yaml:4: 'yes' is a boolean in YAML 1\.1 .*true or false, or quote"),
+    (BASE + "early_stopping: Off\n", r"c\.yaml:4: 'Off' is a boolean in YAML 1\.1"),
+    ("data_paths: [a]\nmodel_config:\n  model_type: llama\n  tie_word_embeddings: NO\n", r"c\.yaml:4: 'NO' is a boolean"),
 ])
 def test_yaml_errors_are_json_errors(tmp_path, text, problem):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=problem):
         TrainConfig.from_file(str(path))
+
+
+def test_yaml_booleans_are_true_and_false_only_quoted_words_are_strings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE + "gradient_checkpointing: False\nearly_stopping: TRUE\neos_token: 'no'\n")
+    cfg = TrainConfig.from_file(str(path))
+    assert cfg.gradient_checkpointing is False and cfg.early_stopping is True and cfg.eos_token == "no"
 
 
 def test_merge_keys_override_but_own_keys_do_not_repeat():

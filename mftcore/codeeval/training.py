@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 
+from tqdm.auto import tqdm
+
 from mftcore import checkpoint
 from mftcore.codeeval.benchmarks import HF_PREFIX, read_benchmark
 from mftcore.codeeval.harness import evaluate_benchmark
@@ -73,10 +75,14 @@ class TrainingBenchmarks:
         results = {}
         with random_streams_kept():
             for spec in specs:
-                results[spec.name] = evaluate_benchmark(
-                    self.gen, self.problems[spec.name], spec, seed=spec.seed + step, rank=self.env.rank,
-                    world_size=self.env.world_size, gather=gather_objects, autocast=self.autocast,
-                    root=self.engine.module, workers=local_workers())
+                mine = len(range(self.env.rank, len(self.problems[spec.name]) * spec.n, self.env.world_size))
+                # Rank 0's completions, one line below the train bar and gone when done (as evaluation's bar).
+                with tqdm(total=mine, desc=spec.name, unit="completion", leave=False, position=1, mininterval=0,
+                          miniters=1, dynamic_ncols=True, disable=self.env.rank != 0) as bar:
+                    results[spec.name] = evaluate_benchmark(
+                        self.gen, self.problems[spec.name], spec, seed=spec.seed + step, rank=self.env.rank,
+                        world_size=self.env.world_size, gather=gather_objects, autocast=self.autocast,
+                        root=self.engine.module, workers=local_workers(), progress=bar.update)
                 if self.env.rank == 0:
                     path = os.path.join(self.output_dir, "benchmarks", spec.name, f"step-{step}.jsonl")
                     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"

@@ -19,9 +19,9 @@ import os
 
 from mftcore.errors import DataError
 from mftcore.io import METRICS_FILE, atomic_write_text, open_regular, read_json_object
+from mftcore.memory import MEMORY_FILE  # memory.py writes it after step 1
 
 RUN_FILE = "run.json"  # in output_dir: the config, start-up report and task names of the run (train writes it)
-MEMORY_FILE = "memory.json"  # in output_dir: where memory goes after step 1 (weights, gradients, ...)
 REPORT_FILE = "report.html"
 MEMORY_KEYS = ("weights_gb", "gradients_gb", "optimizer_state_gb", "activations_gb", "peak_gb")
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",

@@ -20,12 +20,24 @@ def records(cfg, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-def test_loss_is_the_window_mean_and_eval_at_start_changes_nothing(tiny_config, tmp_path, capsys):
+def test_loss_is_the_window_mean_and_eval_at_start_changes_nothing(tiny_config, tmp_path, capsys, monkeypatch):
+    import mftcore.train
+    from tests.helpers.paths import TINY_MODEL
+
+    real_evaluate = mftcore.train.evaluate
+
+    def evaluate_drawing_random_numbers(*args, **kwargs):  # as a sampling evaluation would: the restore is seen
+        torch.rand(16)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(mftcore.train, "evaluate", evaluate_drawing_random_numbers)
     threads = torch.get_num_threads()
-    path, _ = tiny_config(log_interval=1, output_dir=str(tmp_path / "every"))
+    dropout = {**TINY_MODEL, "attention_dropout": 0.1}  # training draws from the RNG after step 0
+    path, _ = tiny_config(log_interval=1, output_dir=str(tmp_path / "every"), model_config=dropout)
     every = TrainConfig.from_file(path)
     train(every)
-    path, _ = tiny_config(log_interval=5, output_dir=str(tmp_path / "window"), eval_at_start=True, num_threads=1)
+    path, _ = tiny_config(log_interval=5, output_dir=str(tmp_path / "window"), eval_at_start=True, num_threads=1,
+                          model_config=dropout)
     window = TrainConfig.from_file(path)
     try:
         train(window)

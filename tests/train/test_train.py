@@ -41,8 +41,8 @@ def test_short_run_halves_the_loss_and_saves_everything(tiny_config):
     assert [r["step"] for r in records if r["split"] == "valid"] == [50, 100]
 
     out = cfg.output_dir
-    assert sorted(os.listdir(out)) == [".mftcore.lock", "checkpoint-100", "checkpoint-50", "final", "metrics.jsonl",
-                                       "report.html", "run.json", "tensorboard"]  # the lock file stays: removing it would race a waiting run
+    assert sorted(os.listdir(out)) == [".mftcore.lock", "checkpoint-100", "checkpoint-50", "final", "memory.json",
+                                       "metrics.jsonl", "report.html", "run.json", "tensorboard"]  # the lock file stays: removing it would race a waiting run
     assert os.listdir(os.path.join(out, "tensorboard"))
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
         assert os.path.isfile(os.path.join(out, "checkpoint-100", name))
