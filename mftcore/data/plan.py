@@ -19,7 +19,8 @@ def epoch_tokens(loader, epoch: int = 0) -> int:
 
 
 def plan_lines(cfg, loader, total_steps: int, n_valid: int) -> list:
-    """Rows, fill, steps per epoch, epochs of the run, validation data: lines of the start-up report."""
+    """Rows, fill, steps per epoch, epochs of the run, tokens per step, validation data, where outputs go: lines
+    of the start-up report."""
     rows = loader.epoch_units(0)
     if loader.pack:
         fill = epoch_tokens(loader) / (rows * cfg.seq_length) if rows else 0.0
@@ -33,11 +34,15 @@ def plan_lines(cfg, loader, total_steps: int, n_valid: int) -> list:
     lines = [layout,
              f"steps: {steps} per epoch ({loader.batch_size} rows x {loader.accumulation} accumulation x "
              f"{loader.world_size} ranks = {per_step} rows per step); {total_steps} steps = {epochs:.2f} epochs"
-             + ("" if cfg.max_train_steps else f" (num_train_epochs={cfg.num_train_epochs})")]
+             + ("" if cfg.max_train_steps else f" (num_train_epochs={cfg.num_train_epochs})")
+             + (f"; {epoch_tokens(loader) / steps:,.0f} tokens per step on average (real tokens, not padding)"
+                if steps else "")]
     split = f"data_split={cfg.data_split!r} (train,valid,test shares of each task's samples"
     split += ", shuffled by seed first)" if cfg.shuffle_before_split else ", in file order)"
     if n_valid:
         lines.append(f"validation: {n_valid} samples, from {split}")
     else:
         lines.append(f"validation: none from {split}: no evaluation, no best checkpoint")
+    lines.append(f"outputs: {cfg.output_dir} (checkpoint-<step>/, final/, metrics.jsonl, run.json, memory.json, "
+                 f"report.html; TensorBoard in {cfg.tb_dir or 'tensorboard/'})")
     return lines

@@ -46,7 +46,7 @@ def test_loss_is_the_window_mean_and_eval_at_start_changes_nothing(tiny_config, 
         torch.set_num_threads(threads)
     report = capsys.readouterr().out
     assert "CPU threads: 1 per process (num_threads)" in report
-    for start in ("data: ", "steps: ", "validation: "):  # the plan of the run (mftcore/data/plan.py)
+    for start in ("data: ", "steps: ", "validation: ", "outputs: "):  # the plan of the run (mftcore/data/plan.py)
         assert f"\n{start}" in report.replace("\r", "\n"), start
 
     each = records(every, "train")
