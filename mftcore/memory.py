@@ -15,7 +15,8 @@ the CPU time (15x the page faults); at 4 MiB: 1.77 / 2.86 GB and the same CPU ti
 (10.4 s against 10.2-11.0 s). `fix_host_malloc` sets 4 MiB (mallopt(M_MMAP_THRESHOLD), which also turns
 the dynamic raise off), as MALLOC_MMAP_THRESHOLD_=4194304 would from the environment.
 MFTCORE_HOST_MALLOC_FIX=0 leaves glibc's default (the dynamic threshold) in place: the "before" of
-bench/bench_memory.py.
+bench/bench_memory.py. (The figures above are the first hand measurement, a bare step loop; the bench runs
+`mftcore train`: bench/results/cpu-intel-r-xeon-r-processor-2cores/memory.json.)
 """
 
 from __future__ import annotations
