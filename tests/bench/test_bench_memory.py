@@ -29,7 +29,8 @@ def test_quick_run_measures_every_case(tmp_path, capfd):
     assert saved["full", "off"] == saved["full", "on"]  # full FT has no LoRA; the malloc switch moves no tensor
     lora, full = cases["lora", "on"]["memory"], cases["full", "on"]["memory"]
     assert lora["optimizer_state_gb"] < full["optimizer_state_gb"] and lora["gradients_gb"] < full["gradients_gb"]
-    assert result["lora_over_full_rss_fixes_on"] == cases["lora", "on"]["peak_rss_gb"] / cases["full", "on"]["peak_rss_gb"]
+    rss = {key: c["peak_rss_gb"] for key, c in cases.items()}
+    assert result["lora_over_full_rss_fixes_on"] == rss["lora", "on"] / rss["full", "on"]
     text = capfd.readouterr()
     assert "LoRA / full peak RSS: fixes on " in text.out and "peak RSS GB" in text.out
     assert "SmolLM2-135M-Instruct not used (--quick)" in text.err and "(4/4)" in text.err
