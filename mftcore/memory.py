@@ -14,6 +14,9 @@ for full fine-tuning. Threshold fixed at 128 KiB: 1.65 / 2.67 GB, but 40 tiny-co
 the CPU time (15x the page faults); at 4 MiB: 1.77 / 2.86 GB and the same CPU time as glibc's default
 (10.4 s against 10.2-11.0 s). `fix_host_malloc` sets 4 MiB (mallopt(M_MMAP_THRESHOLD), which also turns
 the dynamic raise off), as MALLOC_MMAP_THRESHOLD_=4194304 would from the environment.
+MFTCORE_HOST_MALLOC_FIX=0 leaves glibc's default (the dynamic threshold) in place: the "before" of
+bench/bench_memory.py. (The figures above are the first hand measurement, a bare step loop; the bench runs
+`mftcore train`: bench/results/cpu-intel-r-xeon-r-processor-2cores/memory.json.)
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ HOST_MMAP_THRESHOLD = 4 * 2**20  # measured: no CPU cost, most of 128 KiB's memo
 
 def fix_host_malloc() -> bool:
     """Fix glibc's mmap threshold (see the module docstring); False where there is no glibc, or the
-    user set MALLOC_MMAP_THRESHOLD_ (theirs stands)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    user set MALLOC_MMAP_THRESHOLD_ (theirs stands), or MFTCORE_HOST_MALLOC_FIX=0 (glibc's default stands)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("MFTCORE_HOST_MALLOC_FIX", "").strip() == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

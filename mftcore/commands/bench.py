@@ -19,7 +19,8 @@ from mftcore.outputs import check_output
 
 # One entry per bench/bench_<name>.py; a name stays here when a build lacks its script, so that the
 # command can say so (tests/bench/test_bench.py checks this table against the checkout's files).
-BENCHMARKS = ("cross_entropy", "varlen_attention", "packing", "train_step", "data", "sandbox", "threads")
+BENCHMARKS = ("cross_entropy", "varlen_attention", "packing", "train_step", "data", "sandbox", "threads",
+              "memory")
 MARKER = "common.py"  # what every script imports: a directory without it holds no benchmarks
 
 

@@ -7,10 +7,13 @@ the layer's inputs per Llama layer that full fine-tuning does not keep (it saves
 `LowMemoryLora` (registered as the adapters' peft "variant") computes the same function in one autograd
 Function that saves only x, which the base layer's neighbours keep anyway, and the dropout seed, and
 recomputes the mask and the intermediate in the backward (one rank-r matmul more). Measured with
-saved_tensors_hooks on the test model: tests/train/test_memory.py.
+saved_tensors_hooks on the test model: tests/train/test_memory.py. MFTCORE_LOW_MEMORY_LORA=0 keeps peft's
+own path (the "before" of bench/bench_memory.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -47,8 +50,12 @@ def add_adapters(model, cfg):
 
 
 def use_low_memory_lora(model) -> int:
-    """Route every plain LoRA linear (not 4-bit, no other variant) through LowMemoryLora; the count."""
+    """Route every plain LoRA linear (not 4-bit, no other variant) through LowMemoryLora; the count
+    (0 with MFTCORE_LOW_MEMORY_LORA=0: peft's own path, see the module docstring)."""
     from peft.tuners.lora.layer import Linear
+
+    if os.environ.get("MFTCORE_LOW_MEMORY_LORA", "").strip() == "0":
+        return 0
 
     n = 0
     for module in model.modules():
