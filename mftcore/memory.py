@@ -46,17 +46,25 @@ def fix_host_malloc() -> bool:
         return False
 
 
+def storage(t):
+    """(device, data pointer, bytes) of a tensor's local storage (a DTensor: its local shard), or None for
+    a tensor without one of its own (a wrapper subclass, an FSDP parameter whose storage is freed)."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    try:
+        s = t.untyped_storage()
+        return t.device, s.data_ptr(), s.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of the tensors' local data (a DTensor: its local shard), each storage once."""
     seen, total = set(), 0
     for t in tensors:
-        if t is None:
-            continue
-        t = t.to_local() if hasattr(t, "to_local") else t
-        key = (t.device, t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
+        info = storage(t) if t is not None else None
+        if info is not None and info[:2] not in seen:
+            seen.add(info[:2])
+            total += info[2]
     return total
 
 
@@ -71,14 +79,14 @@ class SavedBytes:
     """Context manager: the bytes saved for backward inside it, each storage once, parameters excluded."""
 
     def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.params = {info[:2] for info in map(storage, model.parameters()) if info is not None}
         self.seen, self.bytes = set(), 0
 
     def pack(self, t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in self.params and ptr not in self.seen:
-            self.seen.add(ptr)
-            self.bytes += t.untyped_storage().nbytes()
+        info = storage(t)
+        if info is not None and info[:2] not in self.params and info[:2] not in self.seen:
+            self.seen.add(info[:2])
+            self.bytes += info[2]
         return t
 
     def __enter__(self):
