@@ -81,14 +81,12 @@ def wandb_records(path: str):
 
 
 def wandb_logged(wandb_dir: str, run_id: str) -> tuple:
-    """({(step, tag): value}, config) of every offline run directory of run_id (a resume adds one).
-    wandb's service process writes the file: wandb.teardown() waits for it to exit first (a run's finish()
-    may return before a loaded machine's service has written the last records; once, in the full suite)."""
-    import wandb
-
-    wandb.teardown()
+    """({(step, tag): value}, config) of every offline run directory of run_id (a resume adds one)."""
     logged, config = {}, {}
-    for path in sorted(glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))):
+    # A run resumed in the same second as its first start gets the directory name with "-1" appended.
+    runs = glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")) \
+        + glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}-*", f"run-{run_id}.wandb"))
+    for path in sorted(runs):
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "history":
